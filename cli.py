@@ -1,0 +1,50 @@
+"""pivotfuse command line: a thin table from command names to the modules that implement them.
+
+Each module named here exposes `add_arguments(parser)` and `run(args) -> int | None`;
+it is imported only when its command runs, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# command -> (module, one-line help). Only commands that work are listed.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "world": ("world.cli", "build the offline demo world: corpus + pivot + source chat models"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the Hub at run time
+    # Build only the sub-parser that is asked for: importing every command's module
+    # (torch, transformers, trl) for one `--help` would cost seconds.
+    if argv and argv[0] in COMMANDS:
+        module = COMMANDS[argv[0]][0]
+        parser = argparse.ArgumentParser(prog=f"pivotfuse {argv[0]}", description=COMMANDS[argv[0]][1])
+        importlib.import_module(module).add_arguments(parser)
+        args = parser.parse_args(argv[1:])
+    else:
+        parser = argparse.ArgumentParser(prog="pivotfuse", description=__doc__.splitlines()[0])
+        sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        for name, (_, help_) in COMMANDS.items():
+            sub.add_parser(name, help=help_, add_help=False)
+        parser.parse_args(argv)  # prints usage / the unknown-command error and exits
+        return 2
+    from core.errors import PivotfuseError
+
+    try:
+        return int(importlib.import_module(module).run(args) or 0)
+    except PivotfuseError as e:
+        print(f"pivotfuse {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pivotfuse {argv[0]}: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

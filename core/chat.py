@@ -1,0 +1,202 @@
+"""Chat data: load conversations, render them with a model's own chat template, and find
+which characters / tokens belong to the assistant (the only ones scored or trained on).
+
+Shared by extraction, alignment, training, evaluation and the demo world, so every step
+sees the same text and the same assistant mask.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from core.errors import PivotfuseError
+
+ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
+
+
+@dataclass
+class Conversation:
+    """One chat: `messages` = [{role, content}], plus an id and an optional domain tag."""
+
+    id: str
+    messages: list[dict[str, str]]
+    domain: str | None = None
+
+
+@dataclass
+class RenderedChat:
+    """A conversation rendered to text with a chat template.
+
+    `assistant_spans` are [start, end) character ranges of the text the model must produce:
+    each assistant reply and the end-of-turn token that follows it.
+    """
+
+    text: str
+    assistant_spans: list[tuple[int, int]]
+
+
+@dataclass
+class TokenizedChat:
+    """A rendered chat tokenised with character offsets; `assistant[t]` marks token t as target."""
+
+    input_ids: list[int]
+    offsets: list[tuple[int, int]]
+    assistant: list[bool]
+    text: str = ""
+    truncated: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _normalise(row: dict, where: str) -> tuple[list[dict[str, str]], str | None, str | None]:
+    if "messages" in row:
+        msgs = row["messages"]
+    elif "conversations" in row:  # ShareGPT: [{from, value}]
+        msgs = []
+        for m in row["conversations"] or []:
+            if not isinstance(m, dict) or "from" not in m or "value" not in m:
+                raise PivotfuseError(f"{where}: ShareGPT turn needs 'from' and 'value', got {m!r}")
+            role = _SHAREGPT_ROLES.get(str(m["from"]).lower())
+            if role is None:
+                raise PivotfuseError(f"{where}: unknown ShareGPT speaker {m['from']!r}")
+            msgs.append({"role": role, "content": m["value"]})
+    else:
+        raise PivotfuseError(f"{where}: row has neither 'messages' nor 'conversations'")
+    if not isinstance(msgs, list):
+        raise PivotfuseError(f"{where}: 'messages' must be a list")
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise PivotfuseError(f"{where}: each message needs role in {ROLES} and a string content, got {m!r}")
+        out.append({"role": m["role"], "content": m["content"]})
+    rid = row.get("id")
+    return out, (str(rid) if rid is not None else None), row.get("domain")
+
+
+def load_conversations(source: str | Path, split: str = "train", limit: int | None = None) -> list[Conversation]:
+    """Load chats from a JSONL file or a `datasets` folder/name (saved with `save_to_disk`).
+
+    Rows need `messages: [{role, content}]` or ShareGPT `conversations: [{from, value}]`;
+    optional `id` and `domain`. Errors name the file and line.
+    """
+    path = Path(source)
+    rows: Iterable[tuple[str, dict]]
+    if path.is_file():
+        def _jsonl() -> Iterable[tuple[str, dict]]:
+            with path.open(encoding="utf-8") as fh:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise PivotfuseError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                    if not isinstance(row, dict):
+                        raise PivotfuseError(f"{path}:{n}: expected a JSON object")
+                    yield f"{path}:{n}", row
+        rows = _jsonl()
+    elif path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001 - any load failure is a bad input path
+            raise PivotfuseError(f"{path}: not a JSONL file or a saved datasets folder ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise PivotfuseError(f"{path}: no split '{split}' (has {list(ds)})")
+            ds = ds[split]
+        rows = ((f"{path}[{i}]", r) for i, r in enumerate(ds))
+    else:
+        raise PivotfuseError(f"{path}: data file not found")
+    convs = []
+    for where, row in rows:
+        msgs, rid, domain = _normalise(row, where)
+        convs.append(Conversation(id=rid or where.rsplit(":", 1)[-1], messages=msgs, domain=domain))
+        if limit is not None and len(convs) >= limit:
+            break
+    if not convs:
+        raise PivotfuseError(f"{path}: no conversations found")
+    return convs
+
+
+def write_conversations(convs: Iterable[Conversation], path: str | Path) -> None:
+    """Write chats as JSONL (`id`, `domain`, `messages`), atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for c in convs:
+            fh.write(json.dumps({"id": c.id, "domain": c.domain, "messages": c.messages}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], chat_template: str | None = None,
+                add_generation_prompt: bool = False) -> RenderedChat:
+    """Render with the tokenizer's (or the given) chat template and locate assistant replies.
+
+    Each assistant content is searched for in order in the rendered text (templates may
+    strip it); the span is extended over the EOS token when it follows (after at most one
+    space, as in Llama-2's `{{ content }} </s>`), so a model learns to end its turn.
+    """
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    name = getattr(tokenizer, "name_or_path", "tokenizer")
+    if not template:
+        raise PivotfuseError(f"{name}: tokenizer has no chat template (pass --chat-template FILE)")
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # noqa: BLE001 - template errors come from jinja with no context
+        raise PivotfuseError(f"{name}: chat template failed to render: {e}") from None
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    eos = getattr(tokenizer, "eos_token", None)
+    for m in messages:
+        content = m["content"].strip()
+        if not content:
+            continue
+        start = text.find(content, pos)
+        if start < 0:
+            if m["role"] == "assistant":
+                raise PivotfuseError(f"{name}: chat template dropped an assistant reply: {content[:40]!r}")
+            continue
+        end = start + len(content)
+        pos = end
+        if m["role"] != "assistant":
+            continue
+        if eos:
+            for gap in ("", " "):
+                if text.startswith(gap + eos, end):
+                    end += len(gap) + len(eos)
+                    break
+        spans.append((start, end))
+        pos = end
+    return RenderedChat(text=text, assistant_spans=spans)
+
+
+def token_in_spans(start: int, end: int, text: str, spans: list[tuple[int, int]]) -> bool:
+    """A token is an assistant token when its overlap with a span holds a non-space character,
+    or it lies wholly inside one (so `▁Hello` after `[/INST]` counts, `[/INST]` does not)."""
+    for s, e in spans:
+        lo, hi = max(start, s), min(end, e)
+        if lo < hi and (text[lo:hi].strip() or (start >= s and end <= e)):
+            return True
+    return False
+
+
+def tokenize_chat(tokenizer: Any, rendered: RenderedChat, max_length: int | None = None) -> TokenizedChat:
+    """Tokenise rendered text with offsets (fast tokenizers) and mark assistant tokens.
+
+    The template already holds BOS etc., so no special tokens are added here.
+    """
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    mask = [token_in_spans(s, e, rendered.text, rendered.assistant_spans) for s, e in offsets]
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids, offsets, mask = ids[:max_length], offsets[:max_length], mask[:max_length]
+    return TokenizedChat(input_ids=ids, offsets=offsets, assistant=mask, text=rendered.text, truncated=truncated)

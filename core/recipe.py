@@ -1,0 +1,85 @@
+"""The recipe: one YAML file that describes a whole fusion, loaded into typed sections.
+
+Each section's dataclass lives with the package that uses it (`world.config`,
+`fuse.config`, `merge.config`, `evals.config`); this module only composes them, resolves
+`world:NAME` references and checks that files exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.config import field, from_dict, load_yaml, apply_overrides
+from core.errors import PivotfuseError
+from world.config import WorldConfig
+
+
+@dataclass
+class ModelSpec:
+    """A chat model: a local Hugging Face folder, or `world:NAME` for a demo-world model."""
+
+    name: str = field(help="short name used in output folders and tables")
+    path: str = field(help="local HF folder, or world:NAME for a model of the demo world")
+    chat_template: str | None = field(None, help="jinja file to use when the tokenizer has no chat template")
+
+
+@dataclass
+class ModelsConfig:
+    pivot: ModelSpec = field(help="the pivot model P; targets are copies of it")
+    sources: list[ModelSpec] = field(default_factory=list, help="source models S_1..S_K")
+
+    def validate(self) -> None:
+        names = [self.pivot.name] + [s.name for s in self.sources]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"sources: duplicate model name {sorted(dup)[0]!r}")
+
+
+@dataclass
+class DataConfig:
+    fusion: str = field(help="fusion corpus (JSONL/datasets folder, or world:fusion)")
+    heldout: str | None = field(None, help="held-out chats for per-domain loss (or world:heldout)")
+
+
+@dataclass
+class Recipe:
+    """A whole run: world (optional) → models → data → (later sections: extract, fuse, merge, eval)."""
+
+    out: str = field(help="output folder of the run")
+    models: ModelsConfig = field(help="pivot and sources")
+    data: DataConfig = field(help="corpora")
+    world: WorldConfig | None = field(None, help="build the demo world first (models/data may say world:NAME)")
+
+    def world_path(self, ref: str) -> str:
+        """Resolve `world:NAME` to the file or folder inside the world's build folder."""
+        if not ref.startswith("world:"):
+            return ref
+        if self.world is None:
+            raise PivotfuseError(f"'{ref}' refers to the demo world but the recipe has no 'world' section")
+        name = ref.split(":", 1)[1]
+        base = Path(self.world.out)
+        return str(base / "data" / f"{name}.jsonl") if name in ("fusion", "heldout", "source_train", "general") \
+            else str(base / "models" / name)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load and validate a recipe; relative paths are taken from the working directory."""
+    data = apply_overrides(load_yaml(path), overrides or [], str(path))
+    recipe = from_dict(Recipe, data, src=str(path))
+    for spec in [recipe.models.pivot, *recipe.models.sources]:
+        if spec.path.startswith("world:"):
+            recipe.world_path(spec.path)  # raises when there is no world section
+        elif not Path(spec.path).is_dir():
+            raise PivotfuseError(f"{path}: 'models' {spec.name}: path {spec.path!r} is not a folder")
+        if spec.chat_template and not Path(spec.chat_template).is_file():
+            raise PivotfuseError(f"{path}: 'models' {spec.name}: chat_template file {spec.chat_template!r} not found")
+    for key in ("fusion", "heldout"):
+        ref = getattr(recipe.data, key)
+        if ref is None:
+            continue
+        if ref.startswith("world:"):
+            recipe.world_path(ref)
+        elif not Path(ref).exists():
+            raise PivotfuseError(f"{path}: 'data.{key}': {ref!r} not found")
+    return recipe

@@ -1,0 +1,29 @@
+"""Settings of the offline demo world (corpus + tiny heterogeneous chat models)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from core.config import field
+
+
+@dataclass
+class WorldConfig:
+    """How the demo world is built; the same values (and code version) give the same world."""
+
+    out: str = field(".cache/world", help="folder the world is built into (reused when its fingerprint matches)")
+    seed: int = field(0, help="seed for the corpus and every model")
+    n_source_train: int = field(1200, help="source-training conversations per skill domain")
+    n_general: int = field(1200, help="general chit-chat conversations (pivot training)")
+    n_fusion: int = field(160, help="fusion-corpus conversations per domain")
+    n_heldout: int = field(60, help="held-out conversations per domain")
+    train_steps: int = field(400, help="optimizer steps per world model")
+    batch_size: int = field(16, help="conversations per training step")
+    lr: float = field(3e-3, help="peak learning rate for world models")
+
+    def validate(self) -> None:
+        for name in ("n_source_train", "n_general", "n_fusion", "n_heldout", "train_steps", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0")
+        if self.lr <= 0:
+            raise ValueError("lr: must be > 0")
