@@ -13,6 +13,8 @@ from pathlib import Path
 from core.config import field, from_dict, load_yaml, apply_overrides
 from core.errors import PivotfuseError
 from world.config import WorldConfig
+from fuse.extract import ExtractConfig
+from evals.config import EvalConfig
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Recipe:
     models: ModelsConfig = field(help="pivot and sources")
     data: DataConfig = field(help="corpora")
     world: WorldConfig | None = field(None, help="build the demo world first (models/data may say world:NAME)")
+    extract: ExtractConfig = field(default_factory=ExtractConfig, help="teacher extraction: top-k, batch size, max length, shards")
+    eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation: MT-Bench-style judging, held-out loss, report")
 
     def world_path(self, ref: str) -> str:
         """Resolve `world:NAME` to the file or folder inside the world's build folder."""

@@ -1,0 +1,209 @@
+"""Chat backends for answering and judging: a local Hugging Face folder or an OpenAI-compatible
+endpoint, behind one call: `chat(list of message lists, temperature, max_tokens) -> replies`.
+
+Spec strings (CLI `--model`/`--judge`, recipe): `[NAME=]FOLDER` or `[NAME=]openai:MODEL[@BASE_URL]`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.errors import PivotfuseError
+from evals.config import EvalConfig
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+
+
+@dataclass
+class ModelRef:
+    """A parsed spec: `kind` is 'local' (target = folder) or 'openai' (target = model id)."""
+
+    name: str
+    kind: str
+    target: str
+    base_url: str | None = None
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe model name (FastChat uses the model id as a file name)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def parse_spec(spec: str, default_base_url: str | None = None) -> ModelRef:
+    """`[NAME=]FOLDER` or `[NAME=]openai:MODEL[@BASE_URL]` → ModelRef (folders must exist)."""
+    name = None
+    m = re.match(r"^([A-Za-z0-9._-]+)=(.+)$", spec)
+    if m:
+        name, spec = m.group(1), m.group(2)
+    if spec.startswith("openai:"):
+        model, _, url = spec[len("openai:"):].partition("@")
+        if url and not url.startswith(("http://", "https://")):  # '@' inside the model id
+            model, url = spec[len("openai:"):], ""
+        if not model:
+            raise PivotfuseError(f"{spec!r}: expected openai:MODEL_ID[@BASE_URL]")
+        url = url or default_base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        return ModelRef(name or safe_name(model.rsplit("/", 1)[-1]), "openai", model, url.rstrip("/"))
+    path = Path(spec)
+    if not path.is_dir():
+        raise PivotfuseError(f"{spec!r}: not a model folder (or use openai:MODEL_ID[@BASE_URL] for an endpoint)")
+    return ModelRef(name or safe_name(path.resolve().name), "local", str(path))
+
+
+class LocalChatModel:
+    """A local HF causal LM that answers with its own chat template (transformers `generate`)."""
+
+    def __init__(self, ref: ModelRef, cfg: EvalConfig, chat_template: str | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name, self.cfg = ref.name, cfg
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(ref.target)
+        except Exception as e:  # noqa: BLE001 - any load failure is a bad folder
+            raise PivotfuseError(f"{ref.name}: cannot load the tokenizer from {ref.target} ({e})") from None
+        self.template = Path(chat_template).read_text() if chat_template else self.tokenizer.chat_template
+        if not self.template:
+            raise PivotfuseError(f"{ref.name}: tokenizer at {ref.target} has no chat template "
+                                 "(pass --chat-template NAME=FILE)")
+        device_map = cfg.device_map if torch.cuda.is_available() else None
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(ref.target, dtype=cfg.dtype, device_map=device_map)
+        except Exception as e:  # noqa: BLE001
+            raise PivotfuseError(f"{ref.name}: cannot load the model from {ref.target} ({e})") from None
+        self.model.eval()
+        gen_eos = self.model.generation_config.eos_token_id
+        ids = [self.tokenizer.eos_token_id] + (gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        self.eos_ids = sorted({i for i in ids if i is not None})
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        conf = self.model.config
+        self.max_positions = getattr(conf, "max_position_embeddings", None) or getattr(conf, "n_positions", None)
+        self.truncated = 0  # prompts cut on the left to fit the context (counted, reported)
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The generation prompt with the model's template; a template that refuses a system
+        role gets the system text prepended to the first user turn instead."""
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja raises bare exceptions
+            if messages and messages[0]["role"] == "system" and len(messages) > 1:
+                merged = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+                return self.render(merged + messages[2:])
+            raise PivotfuseError(f"{self.name}: chat template failed to render: {e}") from None
+
+    def chat(self, batch: list[list[dict[str, str]]], temperature: float, max_tokens: int) -> list[str]:
+        import torch
+
+        prompts = [self.tokenizer(self.render(m), add_special_tokens=False)["input_ids"] for m in batch]
+        out: list[str] = [""] * len(batch)
+        order = sorted(range(len(batch)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+        bs = self.cfg.batch_size
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            ids = [self._fit(prompts[i], max_tokens) for i in idx]
+            width = max(len(x) for x in ids)
+            new = max_tokens if not self.max_positions else max(1, min(max_tokens, self.max_positions - width))
+            device = self.model.device
+            input_ids = torch.tensor([[self.pad_id] * (width - len(x)) + x for x in ids], device=device)
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)  # left pad
+            sample = temperature > 1e-4  # FastChat: greedy below 1e-4
+            kw: dict[str, Any] = {"do_sample": sample, "max_new_tokens": new, "pad_token_id": self.pad_id,
+                                  "eos_token_id": self.eos_ids}
+            if sample:
+                kw["temperature"] = temperature
+                torch.manual_seed(self.cfg.seed)
+            else:
+                kw.update(temperature=None, top_p=None, top_k=None)
+            with torch.no_grad():
+                gen = self.model.generate(input_ids=input_ids, attention_mask=mask, **kw)
+            for row, i in enumerate(idx):
+                tokens = gen[row, width:].tolist()
+                cut = next((t for t, tok in enumerate(tokens) if tok in self.eos_ids), len(tokens))
+                out[i] = self.tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
+        return out
+
+    def _fit(self, ids: list[int], max_tokens: int) -> list[int]:
+        """Keep the prompt's end (it holds the generation prompt) when prompt + reply overflow."""
+        if not self.max_positions:
+            return ids
+        room = self.max_positions - min(max_tokens, 64)
+        if len(ids) > room:
+            self.truncated += 1
+            return ids[len(ids) - room:]
+        return ids
+
+    def close(self) -> None:
+        del self.model
+
+
+_RETRY_HTTP = {408, 409, 429}
+
+
+class OpenAIChatClient:
+    """OpenAI-compatible `/chat/completions` client (stdlib only): bounded concurrency,
+    retries with exponential back-off on connection errors, 408/409/429 and 5xx."""
+
+    def __init__(self, ref: ModelRef, cfg: EvalConfig) -> None:
+        self.name, self.model, self.cfg = ref.name, ref.target, cfg
+        self.url = f"{ref.base_url}/chat/completions"
+        self.key = os.environ.get(cfg.api_key_env) or None
+
+    def chat(self, batch: list[list[dict[str, str]]], temperature: float, max_tokens: int) -> list[str]:
+        if len(batch) == 1 or self.cfg.concurrency == 1:
+            return [self.complete(m, temperature, max_tokens) for m in batch]
+        with ThreadPoolExecutor(min(self.cfg.concurrency, len(batch))) as pool:
+            return list(pool.map(lambda m: self.complete(m, temperature, max_tokens), batch))
+
+    def complete(self, messages: list[dict[str, str]], temperature: float, max_tokens: int) -> str:
+        body = json.dumps({"model": self.model, "messages": messages, "n": 1, "temperature": temperature,
+                           "max_tokens": max_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        last = ""
+        for attempt in range(self.cfg.retries):
+            if attempt:
+                time.sleep(min(60.0, self.cfg.backoff * 2 ** (attempt - 1)))
+            req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
+                    data = json.loads(resp.read().decode("utf-8"))
+            except urllib.error.HTTPError as e:
+                detail = e.read().decode("utf-8", "replace")[:300]
+                if e.code in _RETRY_HTTP or e.code >= 500:
+                    last = f"HTTP {e.code} {detail}"
+                    continue
+                raise PivotfuseError(f"{self.name}: {self.url} answered HTTP {e.code}: {detail}") from None
+            except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout,
+                    TimeoutError) as e:
+                last = str(getattr(e, "reason", e))
+                continue
+            except json.JSONDecodeError:
+                raise PivotfuseError(f"{self.name}: {self.url} did not answer JSON") from None
+            try:
+                return data["choices"][0]["message"]["content"] or ""
+            except (KeyError, IndexError, TypeError):
+                raise PivotfuseError(f"{self.name}: {self.url}: no choices[0].message.content in "
+                                     f"{str(data)[:200]}") from None
+        raise PivotfuseError(f"{self.name}: no answer from {self.url} after {self.cfg.retries} tries ({last})")
+
+    def close(self) -> None:
+        pass
+
+
+def load_backend(ref: ModelRef, cfg: EvalConfig, chat_template: str | None = None) -> Any:
+    """The backend for a parsed spec (a local model is loaded now)."""
+    if ref.kind == "openai":
+        return OpenAIChatClient(ref, cfg)
+    return LocalChatModel(ref, cfg, chat_template)

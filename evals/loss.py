@@ -1,0 +1,137 @@
+"""Held-out loss per domain for models with different tokenizers, made comparable.
+
+Unit: **bits per byte** of the assistant replies' UTF-8 text (also nats per character).
+Numerator: the model's summed next-token negative log-likelihood over its assistant tokens
+(rendered with its own chat template, so its end-of-turn token is included: ending the
+reply is part of the answer). Denominator: the UTF-8 bytes of the reply texts themselves,
+which are the same for every model whatever its tokenizer or template, so the numbers
+compare across tokenizers where per-token losses would not. Chats longer than the context
+are cut, and only the reply text before the cut is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from core.chat import Conversation, load_conversations, render_chat, tokenize_chat
+from core.errors import PivotfuseError
+from evals.backends import parse_spec
+from evals.config import EvalConfig
+
+UNIT = "bits per byte of assistant text (UTF-8), end-of-turn token included in the numerator"
+
+
+def _reply_spans(conv: Conversation, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) of each reply's text (render_chat's spans also hold the EOS after it)."""
+    replies = [m["content"].strip() for m in conv.messages if m["role"] == "assistant" and m["content"].strip()]
+    return [(s, s + len(r)) for (s, _), r in zip(spans, replies)]
+
+
+def chat_losses(model: Any, tokenizer: Any, convs: list[Conversation], *, max_length: int, batch_size: int,
+                chat_template: str | None = None, desc: str = "loss") -> list[dict[str, float]]:
+    """Per chat: `nats` (summed NLL of assistant tokens), `tokens`, `bytes`, `chars` of reply text."""
+    import torch
+    import torch.nn.functional as F
+
+    items = []
+    for conv in convs:
+        rendered = render_chat(tokenizer, conv.messages, chat_template)
+        tok = tokenize_chat(tokenizer, rendered, max_length)
+        cut = tok.offsets[-1][1] if tok.truncated else len(rendered.text)
+        texts = [rendered.text[s:min(e, cut)] for s, e in _reply_spans(conv, rendered.assistant_spans) if s < cut]
+        items.append((tok, sum(len(t.encode("utf-8")) for t in texts), sum(len(t) for t in texts)))
+    results: list[dict[str, float]] = [{} for _ in convs]
+    order = sorted(range(len(items)), key=lambda i: len(items[i][0].input_ids))
+    device = model.device
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+        idx = order[start:start + batch_size]
+        width = max(len(items[i][0].input_ids) for i in idx)
+        ids = torch.zeros(len(idx), width, dtype=torch.long, device=device)  # (B, T), right-padded
+        attn = torch.zeros(len(idx), width, dtype=torch.long, device=device)
+        scored = torch.zeros(len(idx), width, dtype=torch.bool, device=device)
+        for row, i in enumerate(idx):
+            tok = items[i][0]
+            n = len(tok.input_ids)
+            ids[row, :n] = torch.tensor(tok.input_ids, device=device)
+            attn[row, :n] = 1
+            scored[row, :n] = torch.tensor(tok.assistant, device=device)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (B, T, V)
+        target = scored[:, 1:]  # token t is predicted from position t-1; token 0 has no prediction
+        nll = F.cross_entropy(logits[:, :-1][target].float(), ids[:, 1:][target], reduction="none")  # (N,)
+        rows = target.nonzero()[:, 0]
+        per_row = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows, nll.double())
+        counts = target.sum(dim=1)
+        for row, i in enumerate(idx):
+            results[i] = {"nats": per_row[row].item(), "tokens": int(counts[row]), "bytes": items[i][1],
+                          "chars": items[i][2]}
+    return results
+
+
+def summarize(convs: list[Conversation], losses: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Per domain (and `all`): bits per byte, nats per char, tokens, bytes, chats."""
+    groups: dict[str, list[dict[str, float]]] = {}
+    for conv, loss in zip(convs, losses):
+        groups.setdefault(conv.domain or "none", []).append(loss)
+        groups.setdefault("all", []).append(loss)
+    table = {}
+    for domain in sorted(groups, key=lambda d: (d == "all", d)):
+        rows = groups[domain]
+        nats, nbytes, chars = (sum(r[k] for r in rows) for k in ("nats", "bytes", "chars"))
+        table[domain] = {"bits_per_byte": nats / math.log(2) / nbytes if nbytes else float("nan"),
+                         "nats_per_char": nats / chars if chars else float("nan"),
+                         "tokens": sum(r["tokens"] for r in rows), "bytes": nbytes, "chats": len(rows)}
+    return table
+
+
+def heldout_loss(models: dict[str, str], data_path: str | Path, cfg: EvalConfig | None = None,
+                 chat_templates: dict[str, str] | None = None, out: str | Path | None = None) -> dict[str, dict]:
+    """{model name: {domain: stats}} for local model folders on one held-out file.
+
+    With `out`, results go to `OUT/loss.json` (merged with models already there); a model already
+    in it for the same data and max_length is not recomputed.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = cfg or EvalConfig()
+    convs = load_conversations(data_path)
+    path = Path(out) / "loss.json" if out else None
+    saved = json.loads(path.read_text()) if path and path.is_file() else {}
+    same = saved.get("data") == str(data_path) and saved.get("max_length") == cfg.max_length
+    done = saved.get("models", {}) if same else {}
+    table: dict[str, dict] = {}
+    for name, spec in models.items():
+        if name in done:
+            table[name] = done[name]
+            continue
+        ref = parse_spec(spec)
+        if ref.kind != "local":
+            raise PivotfuseError(f"{name}: held-out loss needs a local model folder, not an endpoint ({spec})")
+        template_file = (chat_templates or {}).get(name)
+        tokenizer = AutoTokenizer.from_pretrained(ref.target)
+        template = Path(template_file).read_text() if template_file else None
+        device_map = cfg.device_map if torch.cuda.is_available() else None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ref.target, dtype=cfg.dtype, device_map=device_map)
+        except Exception as e:  # noqa: BLE001 - any load failure is a bad folder
+            raise PivotfuseError(f"{name}: cannot load the model from {ref.target} ({e})") from None
+        model.eval()
+        limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+        losses = chat_losses(model, tokenizer, convs, max_length=min(cfg.max_length, limit or cfg.max_length),
+                             batch_size=cfg.batch_size, chat_template=template, desc=f"loss {name}")
+        table[name] = summarize(convs, losses)
+        del model
+        if path:
+            done[name] = table[name]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({"data": str(data_path), "max_length": cfg.max_length, "unit": UNIT,
+                                       "models": done}, indent=1))
+            tmp.replace(path)
+    return table
