@@ -1,0 +1,295 @@
+"""Teacher extraction: run one chat model over the corpus and store its top-k next-token log-probs.
+
+Every model reads the conversations rendered with its OWN chat template; only positions whose
+gold next token is an assistant token are scored. The corpus is cut into fixed shards; under
+`accelerate launch` / `torchrun` each process scores its share of the pending shards, so a
+killed run resumes where it stopped and any process count gives the same store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from core.chat import Conversation, load_conversations, render_chat, tokenize_chat
+from core.config import field
+from core.errors import PivotfuseError
+from fuse.store import StoreWriter, TeacherRecord, int_type, read_manifest
+
+log = logging.getLogger(__name__)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass
+class ExtractConfig:
+    """Settings of `pivotfuse extract` (the recipe's `extract:` section holds the shared ones)."""
+
+    model: str | None = field(None, help="HF model folder (weights, tokenizer, chat template)")
+    data: str | None = field(None, help="chat corpus: JSONL or a saved datasets folder")
+    out: str | None = field(None, help="store folder to write (rerun the same command to resume)")
+    top_k: int = field(10, help="next-token candidates kept per scored token")
+    batch_size: int = field(8, help="conversations per forward pass (sorted by length to limit padding)")
+    max_length: int = field(2048, help="tokens per conversation; longer ones are truncated and counted")
+    chat_template: str | None = field(None, help="jinja chat-template file (for models whose tokenizer has none)")
+    shard_size: int = field(256, help="conversations per store shard: the unit of resuming and of work per process")
+    dtype: str = field("auto", choices=DTYPES,
+                       help="weights dtype (auto: bfloat16 on a bf16-capable GPU, else float32)")
+
+    def validate(self) -> None:
+        for name in ("top_k", "batch_size", "shard_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0")
+        if self.max_length < 2:
+            raise ValueError("max_length: must be >= 2")
+
+
+def _sha(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def model_fingerprint(path: Path) -> str:
+    """config.json plus, per weight file, its name, size and 17 sampled 64 KiB blocks: changes
+    when any checkpoint is retrained, survives a copy (no mtimes), costs ~1 MB of reads per file."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name.endswith(".index.json")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            for off in sorted({min(max(size - 65536, 0), i * size // 16) for i in range(17)}):
+                fh.seek(off)
+                h.update(fh.read(65536))
+    return h.hexdigest()
+
+
+def data_fingerprint(convs: list[Conversation]) -> str:
+    h = hashlib.sha256()
+    for c in convs:
+        h.update(json.dumps([c.id, c.domain, c.messages], ensure_ascii=False).encode() + b"\n")
+    return h.hexdigest()
+
+
+def load_tokenizer(model: str) -> Any:
+    from transformers import AutoTokenizer
+
+    path = Path(model)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise PivotfuseError(f"{path}: not a model folder (no config.json)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - any load failure is a bad model folder
+        raise PivotfuseError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
+    if not getattr(tok, "is_fast", False):
+        raise PivotfuseError(f"{path}: needs a fast tokenizer (tokenizer.json) for character offsets")
+    return tok
+
+
+def resolve_template(tok: Any, cfg: ExtractConfig) -> str:
+    if cfg.chat_template:
+        file = Path(cfg.chat_template)
+        if not file.is_file():
+            raise PivotfuseError(f"{file}: chat template file not found")
+        return file.read_text()
+    if not getattr(tok, "chat_template", None):
+        raise PivotfuseError(f"{cfg.model}: tokenizer has no chat template (pass --chat-template FILE)")
+    return tok.chat_template
+
+
+def resolve_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(path: str, dtype: Any, state: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    # One process and a GPU: let accelerate place (and if needed split) the model; data-parallel
+    # runs put a whole copy on each process's device.
+    device_map: Any = "auto" if state.num_processes == 1 and state.device.type == "cuda" else {"": state.device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
+    except Exception as e:  # noqa: BLE001
+        raise PivotfuseError(f"{path}: cannot load the model ({type(e).__name__}: {str(e)[:200]})") from None
+    return model.eval()
+
+
+@dataclass
+class _Prepared:
+    index: int
+    conv: Conversation
+    ids: list[int]
+    offsets: np.ndarray  # (T, 2)
+    gold_pos: np.ndarray  # (n,) positions t >= 1 whose token is an assistant token
+    assistant_spans: list[tuple[int, int]]
+    text: str
+    truncated: bool
+
+
+def prepare(index: int, conv: Conversation, tok: Any, template: str, max_length: int,
+            stats: Counter) -> _Prepared | None:
+    """Render + tokenise one conversation; None (and a counted reason) when it cannot be scored."""
+    try:
+        rendered = render_chat(tok, conv.messages, template)
+    except PivotfuseError as e:
+        stats["skipped_template_error"] += 1
+        stats.setdefault("first_template_error", f"{conv.id}: {e}")  # type: ignore[arg-type]
+        return None
+    if not rendered.assistant_spans:
+        stats["skipped_no_assistant"] += 1
+        return None
+    tc = tokenize_chat(tok, rendered, max_length)
+    stats["truncated"] += int(tc.truncated)
+    gold_pos = np.flatnonzero(np.asarray(tc.assistant, dtype=bool))
+    gold_pos = gold_pos[gold_pos >= 1]  # token 0 has no context to be predicted from
+    if len(gold_pos) == 0:
+        stats["skipped_no_scored_tokens"] += 1
+        return None
+    return _Prepared(index, conv, tc.input_ids, np.asarray(tc.offsets, dtype=np.int64).reshape(-1, 2), gold_pos,
+                     rendered.assistant_spans, rendered.text, tc.truncated)
+
+
+def _covered(text: str, spans: np.ndarray, within: np.ndarray) -> tuple[int, int]:
+    """(characters, UTF-8 bytes) of `text` inside both the union of `spans` and of `within`."""
+    def mask(ranges: np.ndarray) -> np.ndarray:
+        edges = np.zeros(len(text) + 1, dtype=np.int32)
+        np.add.at(edges, ranges[:, 0], 1)
+        np.add.at(edges, ranges[:, 1], -1)
+        return np.cumsum(edges)[:-1] > 0
+
+    chars = np.flatnonzero(mask(spans) & mask(within))
+    return len(chars), sum(len(text[i].encode()) for i in chars)
+
+
+def content_ranges(text: str, assistant_spans: list[tuple[int, int]], eos: str | None) -> np.ndarray:
+    """Assistant spans without their end-of-turn token: the reply text itself, the same characters
+    under every tokenizer and template (so CE per character compares models)."""
+    out = []
+    for s, e in assistant_spans:
+        if eos and text.endswith(eos, s, e):
+            e -= len(eos)
+        out.append((s, s + len(text[s:e].rstrip())))  # replies are matched stripped: what follows is the gap
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+def to_record(p: _Prepared, scores: Any, eos: str | None) -> TeacherRecord:
+    gold_ids = np.asarray(p.ids)[p.gold_pos]
+    spans = p.offsets[p.gold_pos]
+    n_chars, n_bytes = _covered(p.text, spans, content_ranges(p.text, p.assistant_spans, eos))
+    return TeacherRecord(
+        index=p.index, id=p.conv.id, domain=p.conv.domain, text=p.text,
+        assistant_spans=np.asarray(p.assistant_spans, dtype=np.int32).reshape(-1, 2),
+        token_ids=gold_ids.astype(np.int32), spans=spans.astype(np.int32),
+        topk_ids=scores.topk_ids.astype(np.int32), topk_logprobs=scores.topk_logprobs.astype(np.float16),
+        gold_logprobs=scores.gold_logprobs.astype(np.float16),
+        ce=float(-scores.gold_logprobs.astype(np.float64).mean()),
+        n_chars=n_chars, n_bytes=n_bytes, seq_len=len(p.ids), truncated=p.truncated)
+
+
+def _scan(convs: list[Conversation], tok: Any, template: str, data: str) -> int:
+    """Render every conversation once before loading a model: fails early on a corpus with nothing
+    to score, and returns the longest text (it fixes the store's span dtype)."""
+    longest, usable, first_error = 0, 0, None
+    for c in convs:
+        try:
+            r = render_chat(tok, c.messages, template)
+        except PivotfuseError as e:
+            first_error = first_error or f"{c.id}: {e}"
+            continue
+        longest, usable = max(longest, len(r.text)), usable + bool(r.assistant_spans)
+    if not usable:
+        raise PivotfuseError(f"{data}: no conversation has an assistant reply to score"
+                             + (f" (first template error: {first_error})" if first_error else ""))
+    return longest
+
+
+def _extract_shard(writer: StoreWriter, shard: int, convs: list[Conversation], model: Any, tok: Any,
+                   template: str, cfg: ExtractConfig, bar: Any) -> None:
+    from fuse.extract_score import score_batch
+
+    stats: Counter = Counter()
+    items = []
+    for i in writer.shard_rows(shard):
+        stats["rows"] += 1
+        p = prepare(i, convs[i], tok, template, cfg.max_length, stats)
+        if p is not None:
+            items.append(p)
+    bar.update(stats["rows"] - len(items))
+    items.sort(key=lambda p: -len(p.ids))  # similar lengths share a batch: little padding
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    records = []
+    for lo in range(0, len(items), cfg.batch_size):
+        batch = items[lo:lo + cfg.batch_size]
+        scores = score_batch(model, [p.ids for p in batch], [p.gold_pos for p in batch], cfg.top_k,
+                             [f"{p.conv.id} ({cfg.data})" for p in batch], pad_id)
+        records += [to_record(p, s, tok.eos_token) for p, s in zip(batch, scores)]
+        bar.update(len(batch))
+    stats.update(stored=len(records), scored_tokens=sum(r.n_tokens for r in records),
+                 scored_chars=sum(r.n_chars for r in records), scored_bytes=sum(r.n_bytes for r in records))
+    stats["nll"] = float(sum(r.ce * r.n_tokens for r in records))
+    if "first_template_error" in stats:
+        log.warning("%s: skipped conversations the template cannot render, e.g. %s", cfg.model,
+                    stats.pop("first_template_error"))
+    writer.write_shard(shard, records, dict(stats))
+
+
+def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> dict:
+    """Write (or finish) the store `cfg.out`; returns its summed statistics.
+
+    Under several processes each scores a share of the pending shards; the main process
+    validates/creates the manifest first and marks the store complete last.
+    `on_shard(shard)` is called after each shard is on disk (progress hooks, tests).
+    """
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    for name in ("model", "data", "out"):
+        if getattr(cfg, name) is None:
+            raise PivotfuseError(f"extract: --{name} is required")
+    # Force the CPU backend (gloo) when there is no accelerator, so torchrun/accelerate CPU runs split work.
+    state = PartialState(cpu=torch.accelerator.current_accelerator() is None)
+    tok = load_tokenizer(cfg.model)
+    template = resolve_template(tok, cfg)
+    convs = load_conversations(cfg.data)
+    longest = _scan(convs, tok, template, cfg.data)
+    dtype = resolve_dtype(cfg.dtype)
+    fingerprint = {
+        "model": model_fingerprint(Path(cfg.model)), "tokenizer": _sha(tok.backend_tokenizer.to_str()),
+        "template": _sha(template), "data": data_fingerprint(convs),
+        "settings": {"top_k": cfg.top_k, "max_length": cfg.max_length, "shard_size": cfg.shard_size,
+                     "dtype": str(dtype).replace("torch.", "")},
+    }
+    kwargs = dict(top_k=cfg.top_k, n_rows=len(convs), shard_size=cfg.shard_size,
+                  dtypes={"ids": int_type(len(tok) - 1), "spans": int_type(longest)},
+                  info={"model": str(cfg.model), "data": str(cfg.data)})
+    with state.main_process_first():  # the main process creates the manifest, the others then check it
+        writer = StoreWriter.open(cfg.out, fingerprint, is_main=state.is_main_process, **kwargs)
+    pending = writer.pending()
+    state.wait_for_everyone()  # every process has listed the pending shards before any is written
+    mine = pending[state.process_index::state.num_processes]
+    if state.num_processes > 1:
+        print(f"extract: process {state.process_index}/{state.num_processes} scores shards {mine}", file=sys.stderr)
+    if mine:
+        model = load_model(cfg.model, dtype, state)
+        with tqdm(total=sum(len(writer.shard_rows(s)) for s in mine), unit="conv", desc=f"extract {cfg.model}",
+                  disable=not state.is_main_process) as bar:
+            for shard in mine:
+                _extract_shard(writer, shard, convs, model, tok, template, cfg, bar)
+                if on_shard is not None:
+                    on_shard(shard)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        writer.finalize()
+    state.wait_for_everyone()
+    return read_manifest(Path(cfg.out))["stats"]

@@ -1,0 +1,297 @@
+"""Teacher extraction (`pivotfuse extract`) and the logit store, checked against plain references:
+a full float32 log_softmax of the model's own logits, the assistant text found by string search,
+an uninterrupted run (for resume), one process (for two)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.errors import PivotfuseError
+from fuse.extract import ExtractConfig, extract
+from fuse.store import LogitStore
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO.parent / "shared/assets/tokenizers"
+MAX_LEN = 96
+INST = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ '<<SYS>>\\n' + m['content'] + "
+        "'\\n<</SYS>>\\n\\n' }}{% elif m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+        "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+pytestmark = pytest.mark.skipif(not ASSETS.is_dir(), reason=f"tokenizer assets not found at {ASSETS}")
+
+
+def _rows() -> list[dict]:
+    u, a = "user", "assistant"
+    rows = [
+        {"id": "multi", "domain": "chat", "messages": [
+            {"role": "system", "content": "Be brief."}, {"role": u, "content": "Hello there, how are you?"},
+            {"role": a, "content": "I'm fine, thanks! 😀 And you?"}, {"role": u, "content": "Good.\nBye"},
+            {"role": a, "content": "Great to hear —\nsee you, naïve café."}]},
+        {"id": "arith", "domain": "arith", "messages": [{"role": u, "content": "What is 17+25?"},
+                                                         {"role": a, "content": "17+25 = 42"}]},
+        {"id": "no-assistant", "messages": [{"role": u, "content": "anyone?"}]},
+        {"id": "empty-reply", "messages": [{"role": u, "content": "say nothing"}, {"role": a, "content": "  "}]},
+        {"id": "cut-partly", "messages": [{"role": u, "content": "Count."}, {"role": a, "content": " ".join(
+            f"number {i}," for i in range(60))}]},
+        {"id": "cut-all", "messages": [{"role": u, "content": "word " * 150}, {"role": a, "content": "ok"}]},
+    ]
+    rows += [{"id": f"s{i}", "domain": "facts", "messages": [
+        {"role": u, "content": f"Fact {i}?"}, {"role": a, "content": f"The capital of country {i} is City{i * 7}."}]}
+        for i in range(5)]
+    return rows
+
+
+def _build(kind: str, out: Path, template: str | None = "own") -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(ASSETS / ("llama2" if kind == "llama" else "qwen3")))
+    common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  initializer_range=0.3)  # a wide init gives peaked, untied distributions to check top-k on
+    if kind == "llama":
+        tok.chat_template = INST if template == "own" else None
+        model = LlamaForCausalLM(LlamaConfig(**common, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("extract")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _rows()))
+    models = {k: _build(k, root / k) for k in ("llama", "qwen")}
+    stores = {}
+    for kind, path in models.items():
+        cfg = ExtractConfig(model=str(path), data=str(data), out=str(root / f"store-{kind}"), top_k=5,
+                            batch_size=3, max_length=MAX_LEN, shard_size=4)
+        stores[kind] = (cfg, extract(cfg))
+    return {"root": root, "data": data, "models": models, "stores": stores}
+
+
+@functools.cache
+def _load(model_dir: Path) -> tuple:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoTokenizer.from_pretrained(str(model_dir)),
+            AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval())
+
+
+def _reference(model_dir: Path, text: str) -> tuple[list[int], list[tuple[int, int]], torch.Tensor]:
+    """Token ids, offsets and the full float32 log_softmax of one unpadded sequence."""
+    tok, model = _load(model_dir)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"][:MAX_LEN]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    return ids, [tuple(o) for o in enc["offset_mapping"][:MAX_LEN]], torch.log_softmax(logits, dim=-1)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen"])
+def test_stored_distributions_equal_full_log_softmax(world: dict, kind: str) -> None:
+    store = LogitStore(world["stores"][kind][0].out)
+    k = store.k
+    for rec in store:
+        ids, offsets, lp = _reference(world["models"][kind], rec.text)
+        # the position of each stored token in the plain tokenisation (same id and same span, in order)
+        pos, j = [], 0
+        for t in range(1, len(ids)):
+            if j < rec.n_tokens and ids[t] == rec.token_ids[j] and offsets[t] == tuple(rec.spans[j]):
+                pos.append(t)
+                j += 1
+        assert j == rec.n_tokens, rec.id
+        rows = lp[torch.tensor(pos) - 1]  # (n, V) the distributions that predict the stored tokens
+        gold = rows.gather(1, torch.tensor(rec.token_ids, dtype=torch.long)[:, None])[:, 0].numpy()
+        np.testing.assert_allclose(rec.gold_logprobs.astype(np.float32), gold, rtol=1e-3, atol=1e-3)
+        ref_vals = rows.topk(k + 1, dim=-1).values.numpy()  # (n, k+1)
+        np.testing.assert_allclose(rec.topk_logprobs.astype(np.float32), ref_vals[:, :k], rtol=1e-3, atol=1e-3)
+        at_ids = rows.gather(1, torch.tensor(rec.topk_ids, dtype=torch.long)).numpy()
+        np.testing.assert_allclose(rec.topk_logprobs.astype(np.float32), at_ids, rtol=1e-3, atol=1e-3)
+        assert (at_ids[:, -1] >= ref_vals[:, k] - 1e-5).all()  # nothing outside the stored k is more likely
+        assert rec.topk_ids.dtype == np.int32 and rec.topk_logprobs.dtype == np.float16
+        # the sequence CE is the mean of the gold log-probs (float32), and the stored fp16 ones sum to it
+        assert rec.ce == pytest.approx(-gold.astype(np.float64).mean(), rel=1e-5)
+        assert -rec.gold_logprobs.astype(np.float64).sum() == pytest.approx(rec.ce * rec.n_tokens, rel=1e-3)
+        assert rec.gold_logprobs.std() > 0.3  # the check above is not on a flat distribution
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen"])
+def test_spans_and_mask_cover_exactly_the_assistant_text(world: dict, kind: str) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(world["models"][kind]))
+    rows = {r["id"]: r for r in _rows()}
+    store = LogitStore(world["stores"][kind][0].out)
+    for rec in store:
+        text = rec.text
+        expected, pos = set(), 0
+        for m in rows[rec.id]["messages"]:
+            start = text.find(m["content"].strip(), pos)
+            if m["role"] != "assistant":
+                pos = max(pos, start)
+                continue
+            end = start + len(m["content"].strip())
+            end += len(tok.eos_token) + (text[end] == " ") if text[end:].lstrip(" ").startswith(tok.eos_token) else 0
+            expected |= {i for i in range(start, end) if not text[i].isspace()}
+            pos = end
+        if rec.truncated:  # nothing past the last token fed to the model
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            expected = {i for i in expected if i < enc["offset_mapping"][MAX_LEN - 1][1]}
+        scored = {i for a, b in rec.spans for i in range(a, b) if not text[i].isspace()}
+        assert scored == expected, rec.id
+        for tid, (a, b) in zip(rec.token_ids.tolist(), rec.spans):
+            piece = tok.decode([tid])
+            if "\ufffd" not in piece:  # partial UTF-8 bytes decode to U+FFFD
+                assert piece.strip() == text[a:b].strip(), (rec.id, tid)
+        # characters for CE per character: exactly the reply texts, whatever the tokenizer and template
+        if not rec.truncated:
+            plain = "".join(m["content"].strip() for m in rows[rec.id]["messages"] if m["role"] == "assistant")
+            assert (rec.n_chars, rec.n_bytes) == (len(plain), len(plain.encode())), rec.id
+
+
+def test_scored_characters_agree_across_tokenizers(world: dict) -> None:
+    llama, qwen = (LogitStore(world["stores"][k][0].out) for k in ("llama", "qwen"))
+    same = [(a.n_chars, a.n_bytes) == (b.n_chars, b.n_bytes) for a, b in zip(llama, qwen) if not a.truncated]
+    assert [a.id for a in llama] == [b.id for b in qwen] and len(same) >= 5 and all(same)
+
+
+def test_counts_of_skipped_and_truncated_rows(world: dict) -> None:
+    from transformers import AutoTokenizer
+
+    for kind, (cfg, stats) in world["stores"].items():
+        store = LogitStore(cfg.out)
+        assert stats == store.stats
+        ids = [r.id for r in store]
+        assert ids == [r["id"] for r in _rows() if r["id"] not in ("no-assistant", "empty-reply", "cut-all")]
+        assert stats["rows"] == len(_rows()) and stats["stored"] == len(store)
+        assert stats["skipped_no_assistant"] == 2 and stats["skipped_no_scored_tokens"] == 1
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+        longer = {r["id"] for r in _rows() if len(tok(tok.apply_chat_template(r["messages"], tokenize=False),
+                                                      add_special_tokens=False)["input_ids"]) > MAX_LEN}
+        assert stats["truncated"] == len(longer) >= 2  # cut-partly and cut-all
+        assert {r.id for r in store if r.truncated} == longer - {"cut-all"}
+        assert stats["scored_tokens"] == sum(r.n_tokens for r in store)
+        assert stats["nll"] == pytest.approx(sum(r.ce * r.n_tokens for r in store))
+        assert store.index_of("arith") == ids.index("arith") and len(store.dataset()) == len(store)
+
+
+def _shard_bytes(out: str) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((Path(out) / "shards").iterdir())}
+
+
+def test_kill_and_resume_gives_the_same_store(world: dict, tmp_path: Path) -> None:
+    ref_cfg = world["stores"]["llama"][0]
+    cfg = ExtractConfig(**{**ref_cfg.__dict__, "out": str(tmp_path / "store")})
+    done: list[int] = []
+
+    def killed_after_one(shard: int) -> None:
+        done.append(shard)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, on_shard=killed_after_one)
+    (tmp_path / "store/shards/00002.arrow.tmp").write_bytes(b"half a shard")  # a kill during a write
+    with pytest.raises(PivotfuseError, match="incomplete"):
+        LogitStore(cfg.out)
+    extract(cfg, on_shard=done.append)
+    assert done == [0, 1, 2]  # shard 0 was not redone
+    assert _shard_bytes(cfg.out) == _shard_bytes(ref_cfg.out)
+    assert json.loads(Path(cfg.out, "manifest.json").read_text())["stats"] == world["stores"]["llama"][1]
+    extract(cfg, on_shard=done.append)  # a complete store: nothing to do
+    assert len(done) == 3
+
+
+def test_fingerprint_mismatch_is_refused(world: dict, tmp_path: Path) -> None:
+    cfg = world["stores"]["llama"][0]
+    with pytest.raises(PivotfuseError, match="different settings"):
+        extract(ExtractConfig(**{**cfg.__dict__, "top_k": 3}))
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(_rows()[1]) + "\n")
+    with pytest.raises(PivotfuseError, match="different data"):
+        extract(ExtractConfig(**{**cfg.__dict__, "data": str(other)}))
+    retrained = tmp_path / "retrained"  # same config and file sizes, other weights
+    shutil.copytree(cfg.model, retrained)
+    weights = load_file(retrained / "model.safetensors")
+    weights["lm_head.weight"][0, 0] += 1.0
+    save_file(weights, retrained / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(PivotfuseError, match="different model "):
+        extract(ExtractConfig(**{**cfg.__dict__, "model": str(retrained)}))
+
+
+def _cli_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
+    from cli import main
+
+    capsys.readouterr()
+    assert main(["extract", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]  # earlier lines are progress bars of the model loading
+    assert last.startswith("pivotfuse extract: error: ")
+    return last
+
+
+def test_bad_inputs_give_one_line_errors(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data, out = str(world["data"]), str(tmp_path / "out")
+    assert "not a model folder" in _cli_error(capsys, "--model", str(tmp_path / "nope"), "--data", data, "--out", out)
+    bare = _build("llama", tmp_path / "bare", template=None)
+    assert "--chat-template" in _cli_error(capsys, "--model", str(bare), "--data", data, "--out", out)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert "no conversations" in _cli_error(capsys, "--model", str(world["models"]["llama"]), "--data",
+                                            str(empty), "--out", out)
+    only_users = tmp_path / "users.jsonl"
+    only_users.write_text(json.dumps(_rows()[2]) + "\n")
+    assert "no conversation has an assistant reply" in _cli_error(
+        capsys, "--model", str(world["models"]["llama"]), "--data", str(only_users), "--out", out)
+    # a model without a template works when one is given; NaN weights are caught and the sample named
+    template = tmp_path / "inst.jinja"
+    template.write_text(INST)
+    weights = load_file(bare / "model.safetensors")
+    weights["lm_head.weight"][7, 3] = float("nan")
+    save_file(weights, bare / "model.safetensors", metadata={"format": "pt"})
+    err = _cli_error(capsys, "--model", str(bare), "--data", data, "--out", out, "--chat-template", str(template))
+    assert "NaN/inf logits" in err and "sample '" in err and str(world["data"]) in err
+
+
+def test_recipe_drives_extraction(world: dict, tmp_path: Path) -> None:
+    from cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"out: {tmp_path / 'run'}\nmodels:\n  pivot: {{name: p, path: {world['models']['llama']}}}\n"
+                      f"data: {{fusion: {world['data']}}}\nextract: {{top_k: 3, max_length: 40, shard_size: 100}}\n")
+    assert main(["extract", "--recipe", str(recipe), "--model", "p", "--batch-size", "16"]) == 0
+    store = LogitStore(tmp_path / "run/extract/p")
+    assert store.k == 3 and store.manifest["n_shards"] == 1 and max(r.seq_len for r in store) == 40
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_store(world: dict, tmp_path: Path) -> None:
+    cfg = world["stores"]["qwen"][0]
+    out = tmp_path / "two"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "cli.py"),
+           "extract", "--model", cfg.model, "--data", cfg.data, "--out", str(out), "--top-k", str(cfg.top_k),
+           "--batch-size", str(cfg.batch_size), "--max-length", str(cfg.max_length),
+           "--shard-size", str(cfg.shard_size)]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "process 0/2 scores shards [0, 2]" in proc.stderr and "process 1/2 scores shards [1]" in proc.stderr
+    assert _shard_bytes(str(out)) == _shard_bytes(cfg.out)
+    one, two = (json.loads(Path(p, "manifest.json").read_text()) for p in (cfg.out, out))
+    assert one == two
