@@ -14,6 +14,7 @@ import sys
 # command -> (module, one-line help). Only commands that work are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("world.cli", "build the offline demo world: corpus + pivot + source chat models"),
+    "merge": ("merge.cli", "merge models in parameter space: varm, sce, ties, dare, task arithmetic, linear"),
     "extract": ("fuse.extract_cli", "store a model's top-k next-token log-probs over a chat corpus (resumable)"),
     "eval": ("evals.cli", "evaluate chat models: MT-Bench-style judging, held-out loss, report"),
 }

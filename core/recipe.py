@@ -13,6 +13,7 @@ from pathlib import Path
 from core.config import field, from_dict, load_yaml, apply_overrides
 from core.errors import PivotfuseError
 from world.config import WorldConfig
+from merge.config import MergeSpec
 from fuse.extract import ExtractConfig
 from evals.config import EvalConfig
 
@@ -52,6 +53,7 @@ class Recipe:
     models: ModelsConfig = field(help="pivot and sources")
     data: DataConfig = field(help="corpora")
     world: WorldConfig | None = field(None, help="build the demo world first (models/data may say world:NAME)")
+    merge: list[MergeSpec] = field(default_factory=list, help="parameter-space merges of the targets: each a name + method options")
     extract: ExtractConfig = field(default_factory=ExtractConfig, help="teacher extraction: top-k, batch size, max length, shards")
     eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation: MT-Bench-style judging, held-out loss, report")
 

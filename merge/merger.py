@@ -1,0 +1,293 @@
+"""The streaming merger: check the inputs' headers, then read → merge → write one tensor at a
+time, with reading and writing on their own threads so disk and CPU overlap.
+
+Memory stays a few tensors: the reader may run ahead only within a byte budget (by default
+the largest tensor's working set, so two big tensors are never held at once). Output goes to
+a hidden `.NAME.partial` folder next to `out`, whose planned shard layout lets an interrupted
+merge resume where it stopped, and is renamed to `out` only when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from core.errors import PivotfuseError
+from merge import card, methods
+from merge.config import MergeConfig, parse_size
+from merge.io import SafetensorsReader, ShardedWriter, copy_aux_files
+
+# Output heads that `tie_word_embeddings` models omit: a model without one uses its input embedding.
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
+_EMBED = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings)\.weight$")
+_STATE, _LOG = ".pivotfuse-merge.json", ".progress.jsonl"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class _Item:
+    name: str
+    shape: tuple[int, ...]
+    sources: list[str]  # the tensor's name in each model (differs for a tied head)
+    out_dtype: torch.dtype
+    merge: bool  # float tensors are merged; integer buffers are copied from the base
+    nbytes: int  # working set: fp32 base + K models + output
+
+
+class _Budget:
+    """Bytes the reader may hold ahead of the writer; one item is always allowed."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used, self.cond = limit, 0, threading.Condition()
+
+    def acquire(self, n: int, stop: threading.Event) -> bool:
+        with self.cond:
+            while self.used and self.used + n > self.limit and not stop.is_set():
+                self.cond.wait(0.1)
+            self.used += n
+            return not stop.is_set()
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+def _tied_source(name: str, reader: SafetensorsReader, shape: tuple[int, ...]) -> str | None:
+    """For a head the model ties to its input embedding (so did not save), that embedding's name."""
+    if not _HEAD.search(name):
+        return None
+    for other, info in reader.infos.items():
+        if _EMBED.search(other) and info.shape == shape:
+            return other
+    return None
+
+
+def plan_merge(base: SafetensorsReader, models: list[SafetensorsReader], dtype: str | None) -> list[_Item]:
+    """Check every model has the base's tensors with the base's shapes; return the work list."""
+    k = len(models)
+    items = []
+    for name, info in base.infos.items():
+        sources = []
+        for r in models:
+            src = name if name in r.infos else _tied_source(name, r, info.shape)
+            if src is None:
+                raise PivotfuseError(f"model {r.label}: tensor {name} is missing (base {base.label} has it)")
+            if r.infos[src].shape != info.shape:
+                raise PivotfuseError(f"model {r.label}: tensor {name} has shape {list(r.infos[src].shape)}, "
+                                     f"base {base.label} has {list(info.shape)}")
+            sources.append(src)
+        merge = info.dtype.is_floating_point
+        out_dtype = _DTYPES[dtype] if (dtype and merge) else info.dtype
+        n = info.numel
+        items.append(_Item(name, info.shape, sources, out_dtype, merge,
+                           (k + 2) * n * 4 if merge else 2 * info.nbytes))
+    for r in models:
+        for name in r.infos:
+            if name not in base.infos:
+                hint = " (the base ties it to its input embedding)" if _HEAD.search(name) else ""
+                raise PivotfuseError(f"model {r.label}: tensor {name} is not in base {base.label}{hint}")
+    return items
+
+
+def _check_finite(t: torch.Tensor, label: str, name: str) -> None:
+    # A float64 sum is finite exactly when every element is (fp32 values cannot overflow it).
+    if not torch.isfinite(t.reshape(-1).sum(dtype=torch.float64)):
+        raise PivotfuseError(f"model {label}: tensor {name} contains NaN or inf")
+
+
+def _fingerprint(base: SafetensorsReader, models: list[SafetensorsReader], config: MergeConfig) -> str:
+    """Same inputs (paths, sizes, mtimes) and options -> same partial output, safe to resume."""
+    files = []
+    for r in [base, *models]:
+        for f in sorted({i.file for i in r.infos.values()}):
+            st = f.stat()
+            files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"v": 1, "config": dataclasses.asdict(config), "files": files}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _check_paths(base: Path, models: list[Path], out: Path, overwrite: bool) -> None:
+    for p in [base, *models]:
+        if out == p or out in p.parents or p in out.parents:
+            raise PivotfuseError(f"out: {out} overlaps input model folder {p}; inputs are never modified")
+    if out.exists() and not overwrite:
+        raise PivotfuseError(f"out: {out} already exists (pass --overwrite to replace it)")
+
+
+def merge_models(base: str, models: list[str], config: MergeConfig, out: str, overwrite: bool = False, *,
+                 progress: bool = True, threads: int | None = None, buffer_bytes: int | None = None) -> dict:
+    """Merge `models` (task vectors relative to `base`) with `config`; write a HF folder at `out`.
+
+    Returns a summary: output path, method, tensor/parameter counts, seconds spent reading,
+    computing and writing (threads overlap, so they may add up to more than `total`), and the
+    per-tensor weights. Raises `PivotfuseError` (one line, naming model and tensor) on bad input.
+    """
+    t_start = time.perf_counter()
+    if not models:
+        raise PivotfuseError("models: at least one model is required")
+    weights = list(config.weights) if config.weights is not None else [1.0] * len(models)
+    if len(weights) != len(models):
+        raise PivotfuseError(f"weights: {len(weights)} given for {len(models)} models")
+    out_p = Path(out).resolve()
+    _check_paths(Path(base).resolve(), [Path(m).resolve() for m in models], out_p, overwrite)
+    base_r = SafetensorsReader(base)
+    readers = [SafetensorsReader(m) for m in models]
+    try:
+        items = plan_merge(base_r, readers, config.dtype)
+        return _run(base_r, readers, items, config, weights, out_p, progress, threads, buffer_bytes, t_start)
+    finally:
+        for r in [base_r, *readers]:
+            r.close()
+
+
+def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: list[_Item], config: MergeConfig,
+         weights: list[float], out_p: Path, progress: bool, threads: int | None, buffer_bytes: int | None,
+         t_start: float) -> dict:
+    k = len(readers)
+    fn = methods.METHODS[config.method]
+    tmp = out_p.parent / f".{out_p.name}.partial"
+    fp = _fingerprint(base_r, readers, config)
+    state, log = tmp / _STATE, tmp / _LOG
+    done: dict[str, dict] = {}
+    resume = tmp.is_dir() and state.is_file() and json.loads(state.read_text()).get("fingerprint") == fp
+    if resume and log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                done[rec["name"]] = rec
+            except (ValueError, KeyError):
+                break  # a torn last line: redo from there
+    elif tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"fingerprint": fp}))
+    plan = [(it.name, it.out_dtype, it.shape) for it in items]
+    writer = ShardedWriter(tmp, plan, parse_size(config.shard_size),
+                           {"pivotfuse_merge": config.method}, resume=resume)
+    todo = [it for it in items if it.name not in done]
+    limit = buffer_bytes or max([256 << 20] + [it.nbytes for it in items])
+    budget, stop = _Budget(limit), threading.Event()
+    q_in: queue.Queue = queue.Queue()
+    q_out: queue.Queue = queue.Queue()
+    errors: list[BaseException] = []
+    secs = {"read": 0.0, "compute": 0.0, "write": 0.0}
+    bar = tqdm(total=len(items), initial=len(done), unit="tensor", desc=f"merge {config.method}",
+               disable=not progress)
+
+    def read_loop() -> None:
+        try:
+            for it in todo:
+                if not budget.acquire(it.nbytes, stop):
+                    break
+                t0 = time.perf_counter()
+                if it.merge:
+                    b = base_r.read_into(it.name, torch.empty(it.shape, dtype=torch.float32))
+                    _check_finite(b, base_r.label, it.name)
+                    buf = torch.empty((k, *it.shape), dtype=torch.float32)
+                    for i, (r, src) in enumerate(zip(readers, it.sources)):
+                        _check_finite(r.read_into(src, buf[i]), r.label, it.name)
+                    q_in.put((it, b, buf))
+                else:
+                    q_in.put((it, base_r.read(it.name), None))
+                secs["read"] += time.perf_counter() - t0
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            errors.append(e)
+        finally:
+            q_in.put(None)
+
+    def write_loop(fh) -> None:
+        try:
+            while (msg := q_out.get()) is not None:
+                it, tensor, rec = msg
+                t0 = time.perf_counter()
+                writer.write(it.name, tensor)
+                fh.write(json.dumps(rec) + "\n")
+                fh.flush()  # only logged once written: a resumed run trusts these names
+                done[it.name] = rec
+                secs["write"] += time.perf_counter() - t0
+                budget.release(it.nbytes)
+                bar.update(1)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+            stop.set()
+
+    args = methods.MethodArgs(weights=tuple(weights), select_topk=config.select_topk, sce_mask=config.sce_mask,
+                              density=config.density, normalize=config.resolved_normalize(),
+                              rescale=config.rescale, scale=config.scale, seed=config.seed)
+    n_threads = threads or torch.get_num_threads()
+    with log.open("a") as fh, methods.compute_threads(n_threads):
+        rt = threading.Thread(target=read_loop, name="merge-read", daemon=True)
+        wt = threading.Thread(target=write_loop, args=(fh,), name="merge-write", daemon=True)
+        rt.start()
+        wt.start()
+        try:
+            while not stop.is_set():
+                msg = q_in.get()
+                if msg is None:
+                    break
+                it, b, buf = msg
+                del msg  # the queue's tuple must not keep the buffers alive
+                t0 = time.perf_counter()
+                rec: dict = {"name": it.name}
+                if it.merge:
+                    res = fn(b, buf, dataclasses.replace(args, key=it.name))
+                    tensor = res.tensor.to(it.out_dtype)
+                    rec.update(weights=res.weights, kept=res.kept)
+                    del res, buf
+                else:
+                    tensor = b
+                secs["compute"] += time.perf_counter() - t0
+                q_out.put((it, tensor, rec))
+                del b, tensor
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            q_out.put(None)  # the writer finishes what is queued: a rerun resumes after it
+            wt.join()
+            stop.set()
+            rt.join()
+            bar.close()
+    if errors:
+        raise errors[0]
+    if len(done) != len(items):
+        raise PivotfuseError(f"merge stopped after {len(done)} of {len(items)} tensors (rerun to resume)")
+    writer.close()
+    base_files = copy_aux_files(base_r.folder, tmp, config.dtype)
+    summary = {
+        "out": str(out_p), "method": config.method, "config": dataclasses.asdict(config),
+        "base": str(base_r.folder), "models": [str(r.folder) for r in readers],
+        "tensors": len(items), "params": sum(int(torch.Size(it.shape).numel()) for it in items),
+        "resumed": len(items) - len(todo), "copied": base_files,
+        "seconds": {**{key: round(v, 3) for key, v in secs.items()},
+                    "total": round(time.perf_counter() - t_start, 3)},
+        "per_tensor": {name: {"weights": rec.get("weights"), "kept": rec.get("kept")}
+                       for name, rec in done.items() if "weights" in rec},
+    }
+    card.write_card(tmp, summary)
+    state.unlink()
+    log.unlink()
+    if out_p.exists():  # --overwrite: swap in the new folder, then drop the old one
+        old = out_p.parent / f".{out_p.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        out_p.rename(old)
+        tmp.rename(out_p)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out_p)
+    summary["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
+    return summary

@@ -1,0 +1,169 @@
+"""Merge methods as pure tensor functions: each against the plain formula, on slices and threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from merge import methods
+from merge.config import METHOD_NAMES
+from merge.methods import MethodArgs, compute_threads, population_variance, topk_mask
+from test_merge_fixtures import ULPS, ref_linear, ref_sce, ref_task_arithmetic, ref_ties, ref_varm
+
+
+@pytest.fixture(params=[(1, None), (2, 97)], ids=["1thread", "2threads-small-slices"])
+def slicing(request, monkeypatch):
+    """Run each test once plainly and once on 2 threads with tiny slices (many slice boundaries)."""
+    threads, chunk = request.param
+    if chunk:
+        monkeypatch.setattr(methods, "CHUNK", chunk)
+    with compute_threads(threads):
+        yield
+
+
+def _family(shape=(24, 40), k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = 0.02 * torch.randn(shape, generator=g)
+    ts = []
+    for i in range(k):
+        delta = (1 + i) * 1e-3 * torch.randn(shape, generator=g)
+        delta[torch.rand(shape, generator=g) < 0.1] = 0
+        ts.append(base + delta)
+    return base, ts
+
+
+def _run(name, base, ts, **kw):
+    args = MethodArgs(weights=tuple(kw.pop("weights", [1.0] * len(ts))), **kw)
+    return methods.METHODS[name](base.clone(), torch.stack(ts), args)
+
+
+def test_registry_matches_config_names():
+    assert set(methods.METHODS) == set(METHOD_NAMES)
+
+
+def test_population_variance_is_bit_identical_to_torch_var(slicing):
+    g = torch.Generator().manual_seed(1)
+    for k in (1, 2, 3, 5):
+        x = torch.randn(k, 1000, generator=g) * 1e-3
+        x[:, :10] = 0.25  # equal columns: exactly zero variance
+        assert torch.equal(population_variance(x), torch.var(x, dim=0, unbiased=False))
+
+
+def test_topk_mask_selects_exactly_k_largest():
+    v = torch.tensor([0.5, 0.1, 0.9, 0.5, 0.3, 0.5])
+    assert topk_mask(v, 2).tolist() == [True, False, True, False, False, False]  # tie: lowest index
+    assert topk_mask(v, 3).tolist() == [True, False, True, True, False, False]
+    assert topk_mask(v, 0).sum() == 0 and topk_mask(v, 6).all() and topk_mask(v, 99).all()
+    r = torch.rand(5000)
+    assert torch.equal(topk_mask(r, 700).nonzero().view(-1), torch.topk(r, 700).indices.sort().values)
+
+
+def test_varm_matches_formula(slicing):
+    base, ts = _family()
+    res = _run("varm", base, ts)
+    torch.testing.assert_close(res.tensor, ref_varm(base, ts), **ULPS)
+    ms = [float(((t - base) ** 2).mean()) for t in ts]
+    assert res.weights == pytest.approx([m / sum(ms) for m in ms], rel=1e-6)
+
+
+def test_varm_uniform_when_nothing_moved():
+    base, _ = _family()
+    res = _run("varm", base, [base.clone(), base.clone()])
+    assert res.weights == [0.5, 0.5] and torch.equal(res.tensor, base)
+
+
+@pytest.mark.parametrize("semantics", ["mergekit", "fusechat"])
+@pytest.mark.parametrize("topk", [0.1, 0.5, 1.0])
+def test_sce_matches_formula(slicing, semantics, topk):
+    base, ts = _family()
+    res = _run("sce", base, ts, select_topk=topk, sce_mask=semantics)
+    torch.testing.assert_close(res.tensor, ref_sce(base, ts, topk, semantics), **ULPS)
+
+
+def test_sce_semantics_differ_only_when_selecting():
+    base, ts = _family(seed=3)
+    a = _run("sce", base, ts, select_topk=0.1, sce_mask="mergekit").tensor
+    b = _run("sce", base, ts, select_topk=0.1, sce_mask="fusechat").tensor
+    # mergekit's mask leaves ~90% of elements at the base; the fork moves almost all of them
+    assert (a == base).float().mean() > 0.85 and (b == base).float().mean() < 0.2
+    assert torch.equal(_run("sce", base, ts, select_topk=1.0, sce_mask="mergekit").tensor,
+                       _run("sce", base, ts, select_topk=1.0, sce_mask="fusechat").tensor)
+
+
+def test_sce_mergekit_uniform_weights_below_threshold():
+    # mergekit 0.1.5 falls back to uniform weights when Σ mean(τ²) < 1e-6 (tiny fine-tune deltas)
+    base, ts = _family()
+    small = [base + 1e-4 * (t - base) for t in ts]
+    res = _run("sce", base, small, select_topk=1.0, sce_mask="mergekit")
+    assert res.weights == pytest.approx([1 / 3] * 3)
+    assert _run("sce", base, small, select_topk=1.0, sce_mask="fusechat").weights != pytest.approx([1 / 3] * 3)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_matches_formula(slicing, normalize):
+    base, ts = _family()
+    w = [1.0, 0.5, 2.0]
+    res = _run("linear", base, ts, weights=w, normalize=normalize)
+    torch.testing.assert_close(res.tensor, ref_linear(ts, w, normalize), **ULPS)
+
+
+def test_task_arithmetic_matches_formula(slicing):
+    base, ts = _family()
+    w = [1.0, 0.5, -0.3]
+    res = _run("task_arithmetic", base, ts, weights=w, normalize=False, scale=0.7)
+    torch.testing.assert_close(res.tensor, ref_task_arithmetic(base, ts, w, 0.7), **ULPS)
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_ties_matches_formula(slicing, density):
+    base, ts = _family()
+    w = [1.0, 0.6, 0.8]
+    res = _run("ties", base, ts, weights=w, density=density, normalize=True)
+    torch.testing.assert_close(res.tensor, ref_ties(base, ts, w, density), **ULPS)
+    if density < 1:
+        assert all(k <= density + 1e-9 for k in res.kept)
+
+
+def test_dare_is_seeded_and_independent_of_slicing(monkeypatch):
+    base, ts = _family(shape=(64, 50))
+    runs = []
+    for threads, chunk in ((1, methods.CHUNK), (2, 97)):
+        monkeypatch.setattr(methods, "CHUNK", chunk)
+        with compute_threads(threads):
+            runs.append(_run("dare_ties", base, ts, density=0.4, seed=7, key="w").tensor)
+    # slices seed their own generators, so equal slicing is needed; equal seeds/slicing -> equal output
+    monkeypatch.setattr(methods, "CHUNK", 97)
+    again = _run("dare_ties", base, ts, density=0.4, seed=7, key="w").tensor
+    other = _run("dare_ties", base, ts, density=0.4, seed=8, key="w").tensor
+    assert torch.equal(runs[1], again) and not torch.equal(again, other)
+    assert not torch.equal(again, _run("dare_ties", base, ts, density=0.4, seed=7, key="v").tensor)
+
+
+@pytest.mark.parametrize("rescale", ["inverse", "l1", "none"])
+def test_dare_linear_drops_and_rescales(rescale):
+    base, ts = _family(shape=(200, 100), k=1)
+    tau = ts[0] - base
+    res = _run("dare_linear", base, ts, density=0.3, rescale=rescale, seed=1, key="x")
+    moved = res.tensor - base
+    kept = moved != 0
+    share = kept.sum() / (tau != 0).sum()
+    assert abs(float(share) - 0.3) < 0.01  # Bernoulli(0.3) over ~19k elements
+    factor = {"inverse": 1 / 0.3, "none": 1.0,
+              "l1": float(tau.abs().sum() / (tau * kept).abs().sum())}[rescale]
+    torch.testing.assert_close(moved, tau * kept * factor, rtol=1e-5, atol=1e-8)
+
+
+def test_dare_with_full_density_is_plain(slicing):
+    base, ts = _family()
+    w = [1.0, 0.5, 0.25]
+    torch.testing.assert_close(_run("dare_linear", base, ts, weights=w, density=1.0, normalize=False).tensor,
+                               ref_task_arithmetic(base, ts, w), **ULPS)
+    torch.testing.assert_close(_run("dare_ties", base, ts, weights=w, density=1.0, normalize=True).tensor,
+                               ref_ties(base, ts, w, 1.0), **ULPS)
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_methods_handle_scalars_and_single_models(name):
+    # one model, weight 1, nothing dropped: every method returns that model
+    res = _run(name, torch.tensor(0.5), [torch.tensor(0.75)], density=1.0, select_topk=1.0)
+    assert res.tensor.shape == () and float(res.tensor) == 0.75
