@@ -64,14 +64,14 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own, more precise error
+            return _convert(value, options[0], key, src)
+        for a in options:
             try:
                 return _convert(value, a, key, src)
-            except PivotfuseError as e:
-                errors.append(str(e))
+            except PivotfuseError:
+                continue
         raise PivotfuseError(f"{src}: '{key}' expects {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:

@@ -17,7 +17,7 @@ class WorldConfig:
     n_general: int = field(1200, help="general chit-chat conversations (pivot training)")
     n_fusion: int = field(160, help="fusion-corpus conversations per domain")
     n_heldout: int = field(60, help="held-out conversations per domain")
-    train_steps: int = field(400, help="optimizer steps per world model")
+    train_steps: int = field(300, help="optimizer steps per world model")
     batch_size: int = field(16, help="conversations per training step")
     lr: float = field(3e-3, help="peak learning rate for world models")
 

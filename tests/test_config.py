@@ -1,0 +1,118 @@
+"""Recipe and config validation: every bad recipe gives one line naming the key and the file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from core.config import apply_overrides, field, from_dict, load_config
+from core.errors import PivotfuseError
+from core.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Inner:
+    k: int = field(10, help="k")
+
+
+@dataclass
+class Cfg:
+    name: str = field(help="required name")
+    lr: float = field(1e-3, help="learning rate")
+    mode: str = field("mince", help="mode", choices=("mince", "avgce"))
+    inner: Inner = field(default_factory=Inner, help="nested")
+    tags: list[str] = field(default_factory=list, help="tags")
+    flag: bool = field(False, help="flag")
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ValueError("lr: must be > 0")
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_valid_config_and_defaults(tmp_path):
+    cfg = load_config(Cfg, _yaml(tmp_path, "name: x\nlr: 1\ninner: {k: 3}\ntags: [a, b]\n"))
+    assert (cfg.name, cfg.lr, cfg.inner.k, cfg.tags, cfg.mode) == ("x", 1.0, 3, ["a", "b"], "mince")
+    assert isinstance(cfg.lr, float)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("name: x\nbogus: 1\n", "unknown key 'bogus'"),
+    ("name: x\ninner: {kk: 1}\n", "unknown key 'inner.kk'"),
+    ("name: x\nlr: fast\n", "'lr' expects a number"),
+    ("name: x\ninner: {k: 1.5}\n", "'inner.k' expects an integer"),
+    ("name: x\nflag: 3\n", "'flag' expects true/false"),
+    ("name: x\nmode: maxce\n", "'mode' must be one of"),
+    ("name: x\nlr: -1\n", "'lr: must be > 0"),
+    ("lr: 1\n", "missing required key 'name'"),
+    ("name: [1\n", "invalid YAML"),
+    ("- a\n- b\n", "expected a mapping"),
+])
+def test_bad_config_names_key_and_file(tmp_path, text, needle):
+    p = _yaml(tmp_path, text)
+    with pytest.raises(PivotfuseError) as e:
+        load_config(Cfg, p)
+    msg = str(e.value)
+    assert needle in msg and str(p) in msg and "\n" not in msg
+
+
+def test_overrides():
+    data = apply_overrides({"inner": {"k": 1}, "xs": [{"a": 1}]}, ["inner.k=5", "lr=0.5", "xs.0.a=2", "name=y"])
+    assert data == {"inner": {"k": 5}, "lr": 0.5, "xs": [{"a": 2}], "name": "y"}
+    cfg = from_dict(Cfg, {k: v for k, v in data.items() if k != "xs"})
+    assert (cfg.inner.k, cfg.lr, cfg.name) == (5, 0.5, "y")
+    with pytest.raises(PivotfuseError, match="expected key=value"):
+        apply_overrides({}, ["oops"])
+    with pytest.raises(PivotfuseError, match="no list item 3"):
+        apply_overrides({"xs": []}, ["xs.3.a=1"])
+
+
+def test_missing_file():
+    with pytest.raises(PivotfuseError, match="nope.yaml: file not found"):
+        load_config(Cfg, "nope.yaml")
+
+
+def test_demo_recipe_loads():
+    r = load_recipe(REPO / "recipes" / "demo.yaml")
+    assert r.models.pivot.name == "pivot" and [s.name for s in r.models.sources] == ["arith", "facts", "strings"]
+    assert r.world_path("world:fusion").endswith("data/fusion.jsonl")
+    assert r.world_path("world:arith").endswith("models/arith")
+
+
+def test_recipe_errors(tmp_path):
+    base = (REPO / "recipes" / "demo.yaml").read_text()
+    p = _yaml(tmp_path, base.replace('path: "world:arith"', 'path: "/no/such/model"'))
+    with pytest.raises(PivotfuseError, match=r"arith: path '/no/such/model' is not a folder"):
+        load_recipe(p)
+    p = _yaml(tmp_path, base.replace("seed: 0", "seed: zero"))
+    with pytest.raises(PivotfuseError, match=r"'world.seed' expects an integer"):
+        load_recipe(p)
+    p = _yaml(tmp_path, base.replace('{name: facts', '{name: arith'))
+    with pytest.raises(PivotfuseError, match="duplicate model name 'arith'"):
+        load_recipe(p)
+    with pytest.raises(PivotfuseError, match="'world.train_steps: must be > 0"):
+        load_recipe(REPO / "recipes" / "demo.yaml", ["world.train_steps=0"])
+
+
+def test_cli_one_line_error(tmp_path):
+    p = _yaml(tmp_path, "world:\n  seed: zero\n")
+    r = subprocess.run([sys.executable, str(REPO / "cli.py"), "world", "--recipe", str(p)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "'seed' expects an integer" in r.stderr and str(p) in r.stderr
+
+
+def test_cli_help_lists_commands():
+    r = subprocess.run([sys.executable, str(REPO / "cli.py"), "--help"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and "world" in r.stdout

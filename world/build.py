@@ -1,0 +1,148 @@
+"""Build (or reuse) the demo world: corpus splits, tokenizers, four trained chat models.
+
+Layout of WORLD (= `WorldConfig.out`):
+    data/{source_train,general,fusion,heldout}.jsonl   chats with `id`, `domain`, `messages`
+    models/{pivot,arith,facts,strings}/                 HF folders (safetensors + tokenizer + template)
+    world.json                                          fingerprint, model table, held-out losses
+A folder whose `world.json` fingerprint matches the settings and the world code is reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from core.chat import write_conversations
+from core.errors import PivotfuseError
+from world import corpus
+from world.config import WorldConfig
+from world.models import PLANS, build_model
+from world.train import loss_per_char, train
+
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+
+
+def fingerprint(cfg: WorldConfig) -> str:
+    """Settings (minus the output folder) + the source of the modules that decide the world's content."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
+                                  sort_keys=True).encode())
+    for name in ("corpus.py", "tokenizers.py", "models.py", "train.py"):  # the code that shapes the world
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def tensor_hash(folder: Path) -> str:
+    """sha256 of the model's safetensors files (what the determinism test compares)."""
+    h = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _tokenizer_texts(splits: dict[str, list[corpus.Conversation]]) -> list[str]:
+    texts = [f"{m['role']}\n{m['content']}\n" for convs in splits.values() for c in convs for m in c.messages]
+    # every printable character, so trained vocabularies never need <unk> on normal text
+    return texts + ["".join(chr(i) for i in range(32, 127)) + "\n\t"] * 10
+
+
+def _train_one(i: int, cfg: WorldConfig, splits: dict[str, list[corpus.Conversation]], texts: list[str],
+               assets: Path, folder: Path) -> dict:
+    """Tokenizer + model + training + held-out loss for PLANS[i]; saves the HF folder."""
+    torch.set_num_threads(1)
+    plan = PLANS[i]
+    tok = plan.make_tokenizer(texts, assets)
+    torch.manual_seed(cfg.seed * 100 + i)
+    model = build_model(plan, tok)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    own = [c for c in splits["source_train"] if c.domain == plan.domain] if plan.domain else []
+    # experts also see some chat (they are chat models); the pivot sees chat only
+    general = splits["general"][: max(len(own) // 3, 1)] if own else splits["general"]
+    losses = train(model, tok, own + general, steps=cfg.train_steps, batch_size=cfg.batch_size,
+                   lr=cfg.lr, seed=cfg.seed * 100 + i)
+    heldout = {d: [c for c in splits["heldout"] if c.domain == d] for d in corpus.DOMAINS}
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return {"name": plan.name, "expert_of": plan.domain or "general chat", "architecture": plan.family,
+            "tokenizer": plan.tokenizer_kind, "vocab": len(tok), "template": plan.template,
+            "params": sum(p.numel() for p in model.parameters()), "train_loss_first": round(losses[0], 4),
+            "train_loss_last": round(losses[-1], 4), "sha256": tensor_hash(folder),
+            "heldout_nats_per_char": {d: round(loss_per_char(model, tok, c), 4) for d, c in heldout.items()}}
+
+
+def build_world(cfg: WorldConfig, assets: Path = ASSETS, progress: bool = True) -> dict:
+    """Build the world into `cfg.out` unless an identical one is there; return its `world.json`.
+
+    A lock file serialises concurrent builders (parallel test sessions, two demos): the second
+    waits, then finds the finished world and reuses it.
+    """
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(cfg, out, assets, progress)
+
+
+def _build_locked(cfg: WorldConfig, out: Path, assets: Path, progress: bool) -> dict:
+    fp = fingerprint(cfg)
+    meta_path = out / "world.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") == fp:
+            return meta
+    if not (assets / "tokenizers" / "llama2").is_dir():
+        raise PivotfuseError(f"{assets}/tokenizers/llama2: Llama-2 tokenizer files not found (needed by the world)")
+    t0 = time.time()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "data").mkdir(parents=True)
+    splits = corpus.make_corpus(cfg.seed, cfg.n_source_train, cfg.n_general, cfg.n_fusion, cfg.n_heldout)
+    for name, convs in splits.items():
+        write_conversations(convs, tmp / "data" / f"{name}.jsonl")
+    texts = _tokenizer_texts(splits)
+    jobs = [(i, cfg, splits, texts, assets, tmp / "models" / plan.name) for i, plan in enumerate(PLANS)]
+    # One model per process, one thread each: tiny models don't scale over threads, and two
+    # independent trainings use two cores fully. Each model has its own seed, so the result does
+    # not depend on scheduling. The longest (arith, 32k vocab) is listed early.
+    workers = 1 if torch.cuda.is_available() else max(1, min(len(jobs), os.cpu_count() or 1))
+    rows: dict[int, dict] = {}
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_train_one, *job): job[0] for job in jobs}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="world models", disable=not progress):
+            rows[futures[fut]] = fut.result()
+    table = [rows[i] for i in range(len(PLANS))]
+    meta = {"fingerprint": fp, "config": dataclasses.asdict(cfg), "models": table,
+            "corpus": {k: len(v) for k, v in splits.items()}, "build_seconds": round(time.time() - t0, 1)}
+    (tmp / "world.json").write_text(json.dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return meta
+
+
+def format_table(meta: dict) -> str:
+    """Markdown tables: the models, and held-out loss (nats/char) per domain."""
+    lines = ["| model | expert of | architecture | tokenizer | vocab | params | template |",
+             "|---|---|---|---|---:|---:|---|"]
+    for m in meta["models"]:
+        lines.append(f"| {m['name']} | {m['expert_of']} | {m['architecture']} | {m['tokenizer']} | {m['vocab']:,} "
+                     f"| {m['params']:,} | {m['template']} |")
+    lines += ["", "| held-out nats/char | " + " | ".join(corpus.DOMAINS) + " | mean |",
+              "|---|" + "---:|" * (len(corpus.DOMAINS) + 1)]
+    for m in meta["models"]:
+        h = m["heldout_nats_per_char"]
+        vals = [h[d] for d in corpus.DOMAINS]
+        lines.append(f"| {m['name']} | " + " | ".join(f"{v:.4f}" for v in vals) + f" | {sum(vals) / len(vals):.4f} |")
+    lines.append(f"\nbuilt in {meta['build_seconds']} s; corpus sizes {meta['corpus']}")
+    return "\n".join(lines)
