@@ -32,6 +32,20 @@ def _reply_spans(conv: Conversation, spans: list[tuple[int, int]]) -> list[tuple
     return [(s, s + len(r)) for (s, _), r in zip(spans, replies)]
 
 
+_LOGIT_POSTPROCESS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _scored_logits(model: Any, ids: Any, attn: Any, target: Any) -> Any:
+    """Logits at the positions that predict a scored token, (N, V). The LM head runs on those
+    rows only (with a 150k vocabulary the full (B, T, V) logits dominate the time); models
+    that transform logits after the head (soft-capping, scaling) take the plain full path."""
+    head = model.get_output_embeddings()
+    if head is None or any(getattr(model.config, k, None) for k in _LOGIT_POSTPROCESS):
+        return model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][target]
+    hidden = model.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # (B, T, H)
+    return head(hidden[:, :-1][target])
+
+
 def chat_losses(model: Any, tokenizer: Any, convs: list[Conversation], *, max_length: int, batch_size: int,
                 chat_template: str | None = None, desc: str = "loss") -> list[dict[str, float]]:
     """Per chat: `nats` (summed NLL of assistant tokens), `tokens`, `bytes`, `chars` of reply text."""
@@ -60,10 +74,10 @@ def chat_losses(model: Any, tokenizer: Any, convs: list[Conversation], *, max_le
             ids[row, :n] = torch.tensor(tok.input_ids, device=device)
             attn[row, :n] = 1
             scored[row, :n] = torch.tensor(tok.assistant, device=device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # (B, T, V)
         target = scored[:, 1:]  # token t is predicted from position t-1; token 0 has no prediction
-        nll = F.cross_entropy(logits[:, :-1][target].float(), ids[:, 1:][target], reduction="none")  # (N,)
+        with torch.no_grad():
+            logits = _scored_logits(model, ids, attn, target)  # (N, V)
+        nll = F.cross_entropy(logits.float(), ids[:, 1:][target], reduction="none")  # (N,)
         rows = target.nonzero()[:, 0]
         per_row = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows, nll.double())
         counts = target.sum(dim=1)

@@ -57,7 +57,7 @@ def build_table(out: str | Path, models: list[str] | None = None, judge: str | N
     loss = json.loads((out / "loss.json").read_text())["models"] if (out / "loss.json").is_file() else {}
     if not scores and not loss:
         raise PivotfuseError(f"{out}: nothing to report (no model_judgment/*_single.jsonl, no loss.json)")
-    names = models or list(dict.fromkeys([*scores, *loss]))
+    names = models or list(dict.fromkeys([*loss, *scores]))  # loss.json keeps the order models were given
     domains = list(dict.fromkeys(d for m in loss.values() for d in m))
     domains = [d for d in domains if d != "all"] + (["all"] if "all" in domains else [])
     head = ["model"]
