@@ -15,6 +15,7 @@ from core.errors import PivotfuseError
 from world.config import WorldConfig
 from merge.config import MergeSpec
 from fuse.extract import ExtractConfig
+from fuse.config import FuseConfig
 from evals.config import EvalConfig
 
 
@@ -56,6 +57,7 @@ class Recipe:
     merge: list[MergeSpec] = field(default_factory=list, help="parameter-space merges of the targets: each a name + method options")
     extract: ExtractConfig = field(default_factory=ExtractConfig, help="teacher extraction: top-k, batch size, max length, shards")
     eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation: MT-Bench-style judging, held-out loss, report")
+    fuse: FuseConfig = field(default_factory=FuseConfig, help="pairwise fusion: targets, loss, training of each T_k")
 
     def world_path(self, ref: str) -> str:
         """Resolve `world:NAME` to the file or folder inside the world's build folder."""
