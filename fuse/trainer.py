@@ -1,0 +1,246 @@
+"""The fusion trainer: TRL's `SFTTrainer` with a collator for sparse top-k targets and the fusion loss.
+
+Rows of the training dataset (one conversation tokenised by the pivot):
+    input_ids       (L,)   int
+    labels          (L,)   int, −100 outside assistant tokens (unshifted, as in transformers)
+    target_ids      (L, k) int, −1 padding; row t is the fused distribution over token t
+    target_logprobs (L, k) float, −inf padding
+
+The data is used as is (`skip_prepare_dataset`, no packing: packing would misalign the side data)
+and no column is dropped (`remove_unused_columns=False`). `compute_loss` asks the model for the
+logits of the labelled positions only (`logits_to_keep` with a boolean mask), so the vocabulary
+projection and its fp32 copy are (N, V) for N assistant tokens, not (B, L, V).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from fuse.config import FuseConfig
+from fuse.loss import IGNORE_INDEX, fusion_loss
+
+FUSION_COLUMNS = ("input_ids", "labels", "target_ids", "target_logprobs")
+
+
+@dataclass
+class FusionCollator:
+    """Right-pads a list of rows into tensors: ids with `pad_token_id`, labels −100, targets −1/−inf."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(r["input_ids"]) for r in rows]
+        # (n, k) per row; a row may hold fewer top-k columns than another (padded below)
+        t_rows = [(torch.as_tensor(r["target_ids"], dtype=torch.int32).reshape(n, -1),
+                   torch.as_tensor(r["target_logprobs"], dtype=torch.float32).reshape(n, -1))
+                  for r, n in zip(rows, lengths)]
+        B, L, k = len(rows), max(lengths), max(ids.shape[1] for ids, _ in t_rows)
+        if self.pad_to_multiple_of:
+            L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((B, L), dtype=torch.long)
+        labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+        t_ids = torch.full((B, L, k), -1, dtype=torch.int32)
+        t_lp = torch.full((B, L, k), -math.inf, dtype=torch.float32)
+        for b, (r, n, (ids, lp)) in enumerate(zip(rows, lengths, t_rows)):
+            input_ids[b, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
+            attention[b, :n] = 1
+            labels[b, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
+            t_ids[b, :n, : ids.shape[1]] = ids
+            t_lp[b, :n, : lp.shape[1]] = lp
+        return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
+                "target_ids": t_ids, "target_logprobs": t_lp}
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    base = model
+    for attr in ("module", "base_model", "model"):  # DDP / PEFT wrappers
+        if "logits_to_keep" in inspect.signature(type(base).forward).parameters:
+            return True
+        base = getattr(base, attr, base)
+    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+
+
+def fusion_step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], lam: float, temperature: float,
+                     num_items: torch.Tensor | int | None = None, logits_to_keep: bool = True):
+    """Forward `batch` (a `FusionCollator` output) and return (`FusionLossOutput`, model outputs).
+
+    With `logits_to_keep` (models whose forward takes it) only the scored positions are
+    projected onto the vocabulary: logits come back as (N, V) instead of (B, L, V).
+    """
+    labels = batch["labels"][:, 1:]  # (B, L−1): logits at t predict token t+1
+    keep = labels != IGNORE_INDEX  # (B, L−1)
+    model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    if logits_to_keep:
+        mask = torch.cat([keep, torch.zeros_like(keep[:, :1])], dim=1)  # (B, L)
+        outputs = model(**model_inputs, logits_to_keep=mask)
+        logits = outputs.logits  # (N, V)
+    else:
+        outputs = model(**model_inputs)
+        logits = outputs.logits[:, :-1][keep]  # (N, V)
+    out = fusion_loss(logits, labels[keep], batch["target_ids"][:, 1:][keep], batch["target_logprobs"][:, 1:][keep],
+                      lam=lam, temperature=temperature, num_items=num_items)
+    return out, outputs
+
+
+class FuseTrainer(SFTTrainer):
+    """`SFTTrainer` whose loss is λ·CE(gold) + (1−λ)·CE(fused top-k target ‖ student)."""
+
+    def __init__(self, *args: Any, lam: float = 0.9, temperature: float = 1.0, **kwargs: Any) -> None:
+        self.lam, self.temperature = float(lam), float(temperature)
+        super().__init__(*args, **kwargs)
+        self._logits_to_keep = _accepts_logits_to_keep(self.model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        out, outputs = fusion_step_loss(model, inputs, self.lam, self.temperature, num_items_in_batch,
+                                        self._logits_to_keep)
+        loss = out.loss
+        # As in SFTTrainer: `num_items_in_batch` counts every rank's tokens while DDP averages gradients.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        sums = torch.stack([out.ce_sum.float(), out.kd_sum.float(), out.n_tokens.float(), out.n_targets.float()])
+        ce, kd, n, n_t = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0).tolist()
+        if n > 0:
+            self._metrics[mode]["ce_gold"].append(ce / n)
+            self._metrics[mode]["ce_fused"].append(kd / n)
+            self._metrics[mode]["target_coverage"].append(n_t / n)
+        return (loss, outputs) if return_outputs else loss
+
+
+def training_args(cfg: FuseConfig, output_dir: str, on_gpu: bool, bf16_ok: bool) -> SFTConfig:
+    """SFTConfig from the recipe's `fuse` section; bf16 and checkpointing default to on for GPUs."""
+    bf16 = cfg.bf16 if cfg.bf16 is not None else (on_gpu and bf16_ok)
+    checkpointing = cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else on_gpu
+    return SFTConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        bf16=bf16,
+        activation_checkpointing=checkpointing,  # transformers 5 name of gradient_checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        report_to=[],
+        dataset_kwargs={"skip_prepare_dataset": True},
+        remove_unused_columns=False,
+        max_length=None,
+        packing=False,
+        prediction_loss_only=True,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def _pivot_dtype(pivot_dir: str) -> torch.dtype:
+    """The dtype the pivot is stored in (config `dtype`/`torch_dtype`), float32 when unknown."""
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(pivot_dir)
+    dt = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None)
+    if isinstance(dt, str):
+        dt = getattr(torch, dt, None)
+    return dt if isinstance(dt, torch.dtype) else torch.float32
+
+
+def _evaluate(trainer: FuseTrainer, dataset: Any) -> dict[str, float]:
+    """Mean fusion loss / gold CE / fused CE per batch over `dataset` (no training)."""
+    metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="eval")
+    return {k.removeprefix("eval_"): float(v) for k, v in metrics.items()
+            if k in ("eval_loss", "eval_ce_gold", "eval_ce_fused", "eval_target_coverage")}
+
+
+def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, work_dir: str,
+                 eval_dataset: Any = None) -> dict[str, Any]:
+    """Train a copy of the pivot on `dataset` (fusion rows) and save it as an HF folder at `out_dir`.
+
+    Checkpoints go to `work_dir/checkpoints`; a rerun resumes from the last one. The folder is
+    written under a temporary name and renamed when complete. Returns the losses on
+    `eval_dataset` before and after training, the log history and the step count.
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    state = PartialState()
+    on_gpu = state.device.type == "cuda"
+    bf16_ok = on_gpu and torch.cuda.is_bf16_supported()
+    work = Path(work_dir)
+    ckpt_dir = work / "checkpoints"
+    args = training_args(cfg, str(ckpt_dir), on_gpu, bf16_ok)
+    save_dtype = _pivot_dtype(pivot_dir) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    # Full fine-tuning keeps fp32 master weights (bf16 runs under autocast); a LoRA base is frozen,
+    # so it can stay in bf16.
+    load_dtype = torch.bfloat16 if (cfg.lora and args.bf16) else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(pivot_dir, dtype=load_dtype)
+    # SFTTrainer writes the pad token and use_cache into the config: the target keeps the pivot's.
+    saved_config = (model.config.pad_token_id, model.config.use_cache, model.generation_config.pad_token_id)
+    tokenizer = AutoTokenizer.from_pretrained(pivot_dir)
+    if tokenizer.pad_token is None:  # padding is masked out; any id will do
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        targets = cfg.lora_targets[0] if cfg.lora_targets == ["all-linear"] else list(cfg.lora_targets)
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules=targets, task_type="CAUSAL_LM")
+    trainer = FuseTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          data_collator=FusionCollator(tokenizer.pad_token_id), peft_config=peft_config,
+                          lam=cfg.lam, temperature=cfg.temperature)
+    eval_dataset = eval_dataset if eval_dataset is not None else dataset
+    before_file = work / "loss_before.json"
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if before_file.is_file():
+        before = json.loads(before_file.read_text())
+    else:  # measured once, on the untouched pivot (a resumed run reuses it)
+        before = _evaluate(trainer, eval_dataset)
+        if state.is_main_process:
+            before_file.write_text(json.dumps(before, indent=1) + "\n")
+    trainer.train(resume_from_checkpoint=last)
+    after = _evaluate(trainer, eval_dataset)
+
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        trainer.save_model(str(tmp))  # gathers the sharded weights; saved in the training dtype
+    elif state.is_main_process:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        final = trainer.accelerator.unwrap_model(trainer.model)
+        if hasattr(final, "merge_and_unload"):  # LoRA: fold the adapters into the weights
+            final = final.merge_and_unload()
+        final.config.pad_token_id, final.config.use_cache, final.generation_config.pad_token_id = saved_config
+        final.to(save_dtype).save_pretrained(str(tmp), safe_serialization=True)
+    if state.is_main_process:
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        AutoTokenizer.from_pretrained(pivot_dir).save_pretrained(str(tmp))  # the pivot's, unmodified
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    state.wait_for_everyone()
+    return {"loss_before": before, "loss_after": after, "steps": trainer.state.global_step,
+            "resumed_from": last, "log_history": trainer.state.log_history}
