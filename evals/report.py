@@ -105,7 +105,14 @@ def plot(data: dict, path: str | Path) -> None:
             else:
                 vals = [data["loss"].get(n, {}).get(key, {}).get("bits_per_byte", math.nan) for n in names]
             ax.bar(x + (k - (len(series) - 1) / 2) * width, vals, width, label=label)
+        if kind == "scores":
+            ax.set_ylim(0, 10)
+            for xi, n in zip(x, names):  # say how many judgments could not be read
+                bad = data["scores"].get(n, {}).get("unparseable", 0)
+                if bad:
+                    ax.text(xi, 0.2, f"{bad} unparseable", ha="center", fontsize=7, rotation=90)
         ax.set_xticks(x, names, rotation=20)
+        ax.set_xlim(-0.5, len(names) - 0.5)
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.tight_layout()
