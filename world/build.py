@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from core.chat import write_conversations
 from core.errors import PivotfuseError
@@ -37,7 +38,7 @@ def fingerprint(cfg: WorldConfig) -> str:
     """Settings (minus the output folder) + the source of the modules that decide the world's content."""
     h = hashlib.sha256(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
                                   sort_keys=True).encode())
-    for name in ("corpus.py", "tokenizers.py", "models.py", "train.py"):  # the code that shapes the world
+    for name in ("corpus.py", "tokenizers.py", "models.py", "train.py", "build.py"):  # code that shapes the world
         h.update((Path(__file__).parent / name).read_bytes())
     return h.hexdigest()[:16]
 
@@ -61,7 +62,11 @@ def _train_one(i: int, cfg: WorldConfig, splits: dict[str, list[corpus.Conversat
     """Tokenizer + model + training + held-out loss for PLANS[i]; saves the HF folder."""
     torch.set_num_threads(1)
     plan = PLANS[i]
-    tok = plan.make_tokenizer(texts, assets)
+    # Train with the tokenizer as it loads back from the folder, not the in-memory object: the
+    # two can differ around special tokens (Llama-2's legacy prefix-space rule), and users will
+    # only ever have the folder.
+    plan.make_tokenizer(texts, assets).save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
     torch.manual_seed(cfg.seed * 100 + i)
     model = build_model(plan, tok)
     if torch.cuda.is_available():
@@ -73,7 +78,6 @@ def _train_one(i: int, cfg: WorldConfig, splits: dict[str, list[corpus.Conversat
                    lr=cfg.lr, seed=cfg.seed * 100 + i)
     heldout = {d: [c for c in splits["heldout"] if c.domain == d] for d in corpus.DOMAINS}
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
     return {"name": plan.name, "expert_of": plan.domain or "general chat", "architecture": plan.family,
             "tokenizer": plan.tokenizer_kind, "vocab": len(tok), "template": plan.template,
             "params": sum(p.numel() for p in model.parameters()), "train_loss_first": round(losses[0], 4),
