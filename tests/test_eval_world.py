@@ -22,8 +22,7 @@ def test_eval_loss_over_world_models(world, tmp_path):
     recorded = {m["name"]: m["heldout_nats_per_char"] for m in json.loads((world / "world.json").read_text())["models"]}
     for name in MODELS:
         for domain, want in recorded[name].items():  # the world measured the same quantity its own way
-            # (abs 1e-2: world.json's arith/arith 0.6252 is 0.6292 for the saved model by world.train itself)
-            assert loss[name][domain]["nats_per_char"] == pytest.approx(want, abs=1e-2), (name, domain)
+            assert loss[name][domain]["nats_per_char"] == pytest.approx(want, abs=1e-3), (name, domain)
             assert loss[name][domain]["bytes"] == loss["pivot"][domain]["bytes"]  # same denominator for all
     for skill in ("arith", "facts", "strings"):  # each source is the expert of its domain
         assert loss[skill][skill]["bits_per_byte"] == min(loss[m][skill]["bits_per_byte"] for m in MODELS)
@@ -34,10 +33,10 @@ def test_eval_loss_over_world_models(world, tmp_path):
 
 def test_demo_questions_answered_and_judged_on_world(world, tmp_path):
     out = tmp_path / "out"
-    argv = ["eval", "mtbench", "--model", f"pivot={world / 'models' / 'pivot'}",
-            "--model", f"arith={world / 'models' / 'arith'}", "--judge", f"pivot-judge={world / 'models' / 'pivot'}",
+    argv = ["eval", "mtbench", "--model", f"arith={world / 'models' / 'arith'}",
+            "--judge", f"pivot-judge={world / 'models' / 'pivot'}",
             "--questions", "demo", "--demo-facts", str(world / "data" / "heldout.jsonl"),
-            "--max-new-tokens", "24", "--judge-max-tokens", "24", "--out", str(out)]
+            "--max-new-tokens", "24", "--judge-max-tokens", "16", "--out", str(out)]
     assert main(argv) == 0
     answers = [json.loads(line) for line in (out / "model_answer" / "arith.jsonl").read_text().splitlines()]
     assert len(answers) == 20 and all(len(a["choices"][0]["turns"]) == 2 for a in answers)
@@ -46,7 +45,7 @@ def test_demo_questions_answered_and_judged_on_world(world, tmp_path):
         arith_ok += any(ch.isdigit() for ch in a["choices"][0]["turns"][0])
     assert arith_ok >= 3  # the arithmetic expert answers with numbers
     rows = [json.loads(line) for line in (out / "model_judgment" / "pivot-judge_single.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 20 * 2  # two models, 20 questions, two turns
+    assert len(rows) == 20 * 2  # 20 questions, two turns
     assert {r["judge"][1] for r in rows} == {"pivotfuse-single-v1", "pivotfuse-single-ref-v1",
                                              "pivotfuse-single-v1-multi-turn", "pivotfuse-single-ref-v1-multi-turn"}
     assert all(r["score"] == -1 or 0 <= r["score"] <= 10 for r in rows)
