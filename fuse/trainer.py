@@ -5,6 +5,8 @@ Rows of the training dataset (one conversation tokenised by the pivot):
     labels          (L,)   int, −100 outside assistant tokens (unshifted, as in transformers)
     target_ids      (L, k) int, −1 padding; row t is the fused distribution over token t
     target_logprobs (L, k) float, −inf padding
+or, compactly, target_ids/target_logprobs (n, k) for the n labelled positions in order (what
+`fuse.targets` writes: prompts cost nothing); the collator scatters them to (L, k).
 
 The data is used as is (`skip_prepare_dataset`, no packing: packing would misalign the side data)
 and no column is dropped (`remove_unused_columns=False`). `compute_loss` asks the model for the
@@ -17,8 +19,10 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
 import torch
 from trl import SFTConfig, SFTTrainer
 
@@ -38,9 +42,12 @@ class FusionCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         lengths = [len(r["input_ids"]) for r in rows]
         # (n, k) per row; a row may hold fewer top-k columns than another (padded below)
-        t_rows = [(torch.as_tensor(r["target_ids"], dtype=torch.int32).reshape(n, -1),
-                   torch.as_tensor(r["target_logprobs"], dtype=torch.float32).reshape(n, -1))
-                  for r, n in zip(rows, lengths)]
+        t_rows = []
+        for r, n in zip(rows, lengths):
+            ids = torch.as_tensor(np.asarray(r["target_ids"], dtype=np.int32))
+            lp = torch.as_tensor(np.asarray(r["target_logprobs"], dtype=np.float32))
+            ids, lp = ids.reshape(ids.shape[0], -1), lp.reshape(lp.shape[0], -1)
+            t_rows.append((ids, lp))
         B, L, k = len(rows), max(lengths), max(ids.shape[1] for ids, _ in t_rows)
         if self.pad_to_multiple_of:
             L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
@@ -53,8 +60,14 @@ class FusionCollator:
             input_ids[b, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
             attention[b, :n] = 1
             labels[b, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
-            t_ids[b, :n, : ids.shape[1]] = ids
-            t_lp[b, :n, : lp.shape[1]] = lp
+            if ids.shape[0] == n:  # dense: row t belongs to position t
+                where = torch.arange(n)
+            else:  # compact: row i belongs to the i-th labelled position
+                where = torch.nonzero(labels[b, :n] != IGNORE_INDEX).squeeze(-1)
+                if len(where) != ids.shape[0]:
+                    raise ValueError(f"row {b}: {ids.shape[0]} target rows for {n} tokens and {len(where)} labels")
+            t_ids[b, where, : ids.shape[1]] = ids
+            t_lp[b, where, : lp.shape[1]] = lp
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
                 "target_ids": t_ids, "target_logprobs": t_lp}
 
@@ -162,6 +175,17 @@ def _pivot_dtype(pivot_dir: str) -> torch.dtype:
     return dt if isinstance(dt, torch.dtype) else torch.float32
 
 
+def _copy_tokenizer_files(src: Path, dst: Path) -> None:
+    """Copy the pivot's tokenizer and chat-template files byte for byte (not re-serialised)."""
+    import shutil
+
+    skip = {"config.json", "generation_config.json", "README.md", "training_args.bin"}
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip and not f.name.startswith("model") and \
+                f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
+            shutil.copy2(f, dst / f.name)
+
+
 def _evaluate(trainer: FuseTrainer, dataset: Any) -> dict[str, float]:
     """Mean fusion loss / gold CE / fused CE per batch over `dataset` (no training)."""
     metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="eval")
@@ -170,16 +194,16 @@ def _evaluate(trainer: FuseTrainer, dataset: Any) -> dict[str, float]:
 
 
 def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, work_dir: str,
-                 eval_dataset: Any = None) -> dict[str, Any]:
+                 eval_dataset: Any = None, write_extra: Callable[[Path, dict], None] | None = None) -> dict[str, Any]:
     """Train a copy of the pivot on `dataset` (fusion rows) and save it as an HF folder at `out_dir`.
 
     Checkpoints go to `work_dir/checkpoints`; a rerun resumes from the last one. The folder is
     written under a temporary name and renamed when complete. Returns the losses on
-    `eval_dataset` before and after training, the log history and the step count.
+    `eval_dataset` before and after training, the log history and the step count;
+    `write_extra(folder, result)` adds files to the folder before it is renamed into place.
     """
     import json
     import shutil
-    from pathlib import Path
 
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -235,12 +259,15 @@ def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, wo
             final = final.merge_and_unload()
         final.config.pad_token_id, final.config.use_cache, final.generation_config.pad_token_id = saved_config
         final.to(save_dtype).save_pretrained(str(tmp), safe_serialization=True)
+    result = {"loss_before": before, "loss_after": after, "steps": trainer.state.global_step,
+              "resumed_from": last, "log_history": trainer.state.log_history}
     if state.is_main_process:
         (tmp / "training_args.bin").unlink(missing_ok=True)
-        AutoTokenizer.from_pretrained(pivot_dir).save_pretrained(str(tmp))  # the pivot's, unmodified
+        _copy_tokenizer_files(Path(pivot_dir), tmp)
+        if write_extra is not None:
+            write_extra(tmp, result)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     state.wait_for_everyone()
-    return {"loss_before": before, "loss_after": after, "steps": trainer.state.global_step,
-            "resumed_from": last, "log_history": trainer.state.log_history}
+    return result
