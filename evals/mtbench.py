@@ -139,13 +139,11 @@ def make_matches(questions: list[dict], models: list[str], answers: dict[str, di
                  references: dict[Any, list[str]] | None) -> list[tuple[dict, str, str, bool]]:
     """(question, model, prompt role, multi_turn) in FastChat's order: turn 1 general, turn 1
     reference-based, turn 2 general, turn 2 reference-based; turn 2 only for two-turn questions."""
+    check_references(questions, references)
     for q in questions:
         for m in models:
             if q["question_id"] not in answers[m]:
                 raise PivotfuseError(f"model_answer/{m}.jsonl has no answer to question {q['question_id']}")
-        if q["category"] in REFERENCE_CATEGORIES and _reference(q, references) is None:
-            raise PivotfuseError(f"question {q['question_id']} ({q['category']}) needs a reference answer: "
-                                 "give it a 'reference' field or pass --reference FILE")
     matches = []
     for multi_turn in (False, True):
         for role in ("default", "math"):
@@ -156,6 +154,14 @@ def make_matches(questions: list[dict], models: list[str], answers: dict[str, di
                     continue
                 matches += [(q, m, role + ("-mt" if multi_turn else ""), multi_turn) for m in models]
     return matches
+
+
+def check_references(questions: list[dict], references: dict[Any, list[str]] | None) -> None:
+    """Every reference-graded question (math, reasoning, coding, demo skills) needs a reference."""
+    for q in questions:
+        if q["category"] in REFERENCE_CATEGORIES and _reference(q, references) is None:
+            raise PivotfuseError(f"question {q['question_id']} ({q['category']}) needs a reference answer: "
+                                 "give it a 'reference' field or pass --reference FILE")
 
 
 def _reference(q: dict, references: dict[Any, list[str]] | None) -> list[str] | None:

@@ -10,7 +10,7 @@ from core.errors import PivotfuseError
 from evals.backends import ModelRef, load_backend, parse_spec
 from evals.config import EvalConfig
 from evals.demo import demo_questions
-from evals.mtbench import generate_answers, judge_answers
+from evals.mtbench import check_references, generate_answers, judge_answers
 from evals.questions import builtin_judge_prompts, load_judge_prompts, load_questions, load_reference_answers
 
 
@@ -40,6 +40,7 @@ def run_mtbench(models: dict[str, str], cfg: EvalConfig, chat_templates: dict[st
         judge_ref = parse_spec(cfg.judge, cfg.base_url)
         prompts = load_judge_prompts(cfg.judge_prompts) if cfg.judge_prompts else builtin_judge_prompts()
         references = load_reference_answers(cfg.reference, judge_ref.name) if cfg.reference else None
+        check_references(questions, references)  # before hours of answering, not after
     info: dict[str, Any] = {"questions": len(questions), "answers": {}, "seconds": {}}
     for ref in refs:
         t0 = time.perf_counter()

@@ -186,3 +186,14 @@ def test_report_table_and_chart(tmp_path):
     (jdir / "judge2_single.jsonl").write_text("")
     with pytest.raises(PivotfuseError, match="several judges"):
         write_report(tmp_path)
+
+
+def test_missing_reference_is_refused_before_answering(tiny_qwen, tmp_path):  # noqa: F811
+    from evals.run import run_mtbench
+
+    qfile = tmp_path / "q.jsonl"
+    qfile.write_text(json.dumps({"question_id": 7, "category": "math", "turns": ["2+2?", "Times 3?"]}) + "\n")
+    cfg = EvalConfig(questions=str(qfile), judge=str(tiny_qwen), out=str(tmp_path / "out"))
+    with pytest.raises(PivotfuseError, match=r"question 7 \(math\) needs a reference answer"):
+        run_mtbench({"m": str(tiny_qwen)}, cfg)
+    assert not (tmp_path / "out" / "model_answer").exists()  # nothing was generated first
