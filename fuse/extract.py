@@ -167,8 +167,10 @@ def _covered(text: str, spans: np.ndarray, within: np.ndarray) -> tuple[int, int
         np.add.at(edges, ranges[:, 1], -1)
         return np.cumsum(edges)[:-1] > 0
 
-    chars = np.flatnonzero(mask(spans) & mask(within))
-    return len(chars), sum(len(text[i].encode()) for i in chars)
+    covered = mask(spans) & mask(within)
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)[covered]
+    return int(covered.sum()), int(covered.sum() + (codes >= 0x80).sum() + (codes >= 0x800).sum()
+                                   + (codes >= 0x10000).sum())  # UTF-8 length of each code point
 
 
 def content_ranges(text: str, assistant_spans: list[tuple[int, int]], eos: str | None) -> np.ndarray:
@@ -213,6 +215,12 @@ def _scan(convs: list[Conversation], tok: Any, template: str, data: str) -> int:
     return longest
 
 
+def length_batches(items: list[_Prepared], batch_size: int) -> list[list[_Prepared]]:
+    """Longest first, `batch_size` at a time: similar lengths share a batch, so little padding."""
+    items = sorted(items, key=lambda p: -len(p.ids))
+    return [items[lo:lo + batch_size] for lo in range(0, len(items), batch_size)]
+
+
 def _extract_shard(writer: StoreWriter, shard: int, convs: list[Conversation], model: Any, tok: Any,
                    template: str, cfg: ExtractConfig, bar: Any) -> None:
     from fuse.extract_score import score_batch
@@ -225,11 +233,9 @@ def _extract_shard(writer: StoreWriter, shard: int, convs: list[Conversation], m
         if p is not None:
             items.append(p)
     bar.update(stats["rows"] - len(items))
-    items.sort(key=lambda p: -len(p.ids))  # similar lengths share a batch: little padding
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     records = []
-    for lo in range(0, len(items), cfg.batch_size):
-        batch = items[lo:lo + cfg.batch_size]
+    for batch in length_batches(items, cfg.batch_size):
         scores = score_batch(model, [p.ids for p in batch], [p.gold_pos for p in batch], cfg.top_k,
                              [f"{p.conv.id} ({cfg.data})" for p in batch], pad_id)
         records += [to_record(p, s, tok.eos_token) for p, s in zip(batch, scores)]

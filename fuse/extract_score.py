@@ -7,6 +7,7 @@ against a plain full `log_softmax` in tests.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 
 from core.errors import PivotfuseError
+
+log = logging.getLogger(__name__)
 
 # Rows of float32 logits handled at once: bounds the (rows, V) temporaries to ~128 MB.
 _CHUNK_ELEMENTS = 1 << 25
@@ -29,11 +32,63 @@ class SequenceScores:
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
-    cached = getattr(model, "_pivotfuse_logits_to_keep", None)
-    if cached is None:
-        cached = "logits_to_keep" in inspect.signature(model.forward).parameters
-        model._pivotfuse_logits_to_keep = cached
-    return cached
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def _head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal-LM head on final hidden states (N, H) -> (N, V), with the output transforms some
+    architectures apply after it (Cohere's logit_scale, Granite's logits_scaling, Gemma's softcap)."""
+    head = model.get_output_embeddings()
+    logits = head(hidden.to(head.weight.device))
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(cfg, "logit_scale", None):
+        logits = logits * cfg.logit_scale
+    if getattr(cfg, "logits_scaling", None):
+        logits = logits / cfg.logits_scaling
+    if getattr(cfg, "final_logit_softcapping", None):
+        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+    return logits
+
+
+def _final_hidden(model: Any, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor | None:
+    """(B, T, H) final hidden states from the model's decoder, or None if it has no separable one."""
+    try:
+        decoder = model.get_decoder()
+        if decoder is None or decoder is model or model.get_output_embeddings() is None:
+            return None
+        return decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+    except Exception:  # noqa: BLE001 - any surprise in an architecture means: use the generic path
+        return None
+
+
+def _hidden_path_ok(model: Any, ids: torch.Tensor, attn: torch.Tensor, hidden: torch.Tensor | None,
+                    rows: np.ndarray) -> bool:
+    """Does the LM head on the decoder's hidden states give the model's own logits? Checked once per
+    model on up to 16 scored rows of the first sequence (one extra forward over its prefix)."""
+    cached = model.__dict__.get("_pivotfuse_hidden_path")
+    if cached is not None:
+        return cached
+    ok = False
+    if hidden is not None:
+        try:
+            pos = torch.as_tensor(rows[:16], device=ids.device)
+            prefix = int(pos.max()) + 1
+            if _accepts_logits_to_keep(model):
+                ref = model(input_ids=ids[:1, :prefix], attention_mask=attn[:1, :prefix], use_cache=False,
+                            logits_to_keep=pos).logits[0]
+            else:
+                ref = model(input_ids=ids[:1, :prefix], attention_mask=attn[:1, :prefix], use_cache=False).logits[0, pos]
+            fast, ref = _head_logits(model, hidden[0, pos.to(hidden.device)]).float(), ref.float().to(hidden.device)
+            rtol = 1e-4 if hidden.dtype == torch.float32 else 2e-2
+            tol = rtol * (1 + float(ref.nan_to_num().abs().max()))
+            ok = bool(torch.isclose(fast, ref, rtol=0, atol=tol, equal_nan=True).all())
+        except Exception:  # noqa: BLE001
+            ok = False
+    if not ok:
+        log.warning("%s: logits of scored rows only are not available; computing all logits (slower, more memory)",
+                    type(model).__name__)
+    model._pivotfuse_hidden_path = ok
+    return ok
 
 
 @torch.inference_mode()
@@ -42,9 +97,10 @@ def score_batch(model: Any, sequences: list[list[int]], gold_positions: list[np.
     """Run `model` over right-padded `sequences` and score token t of sequence b for t in
     `gold_positions[b]` (each ≥ 1) with the logits at t − 1.
 
-    Log-probs are `x − logsumexp(x)` on float32 logits (the model may run in bf16); only the
-    logit rows that some sequence scores are computed (`logits_to_keep`), and the (rows, V)
-    softmax work is done in chunks. Non-finite logits raise an error naming the sample.
+    Log-probs are float32 `x − logsumexp(x)` (= `log_softmax`; the model may run in bf16), with x
+    upcast before any softmax. Logits are made only for the scored rows, a chunk of rows at a time
+    (the LM head on gathered final hidden states), so a (B, T, V) tensor never exists.
+    NaN or +inf anywhere in a row, or −inf in a stored value, raises an error naming the sample.
     """
     device = model.get_input_embeddings().weight.device
     B, T = len(sequences), max(len(s) for s in sequences)
@@ -53,38 +109,46 @@ def score_batch(model: Any, sequences: list[list[int]], gold_positions: list[np.
     for b, seq in enumerate(sequences):
         ids[b, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         attn[b, : len(seq)] = 1
+    ids, attn = ids.to(device), attn.to(device)
     rows_b = np.concatenate([np.full(len(p), b) for b, p in enumerate(gold_positions)])  # (N,)
-    rows_t = np.concatenate([np.asarray(p) - 1 for p in gold_positions])  # (N,) logit positions
-    gold = torch.as_tensor(np.concatenate([np.asarray(s)[np.asarray(p)] for s, p in zip(sequences, gold_positions)]))
-    keep = np.unique(rows_t)  # (P,) positions whose logits are needed by any row
-    kwargs: dict[str, Any] = {"use_cache": False}
-    if _accepts_logits_to_keep(model) and len(keep) < T:
-        kwargs["logits_to_keep"] = torch.as_tensor(keep, device=device)
-        cols = np.searchsorted(keep, rows_t)
+    rows_t = np.concatenate([np.asarray(p) - 1 for p in gold_positions])  # (N,) positions whose logits score
+    gold = np.concatenate([np.asarray(s)[np.asarray(p)] for s, p in zip(sequences, gold_positions)])  # (N,)
+    hidden = _final_hidden(model, ids, attn) if model.__dict__.get("_pivotfuse_hidden_path") is not False else None
+    if _hidden_path_ok(model, ids, attn, hidden, np.asarray(gold_positions[0]) - 1):
+        hidden = hidden[torch.as_tensor(rows_b, device=hidden.device), torch.as_tensor(rows_t, device=hidden.device)]
+        rows_of = lambda lo, hi: _head_logits(model, hidden[lo:hi])  # noqa: E731  (C, V)
     else:
-        cols = rows_t
-    logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), **kwargs).logits  # (B, P, V)
-    V = logits.shape[-1]
-    if k > V:
-        raise PivotfuseError(f"top-k {k} exceeds the vocabulary size {V}")
-    chunk = max(1, _CHUNK_ELEMENTS // V)
-    rb, rc = torch.as_tensor(rows_b, device=logits.device), torch.as_tensor(cols, device=logits.device)
-    gold = gold.to(logits.device)
-    top_ids, top_lp, gold_lp = [], [], []
+        keep = np.unique(rows_t)  # (P,) positions needed by any sequence
+        kwargs: dict[str, Any] = {}
+        if _accepts_logits_to_keep(model) and len(keep) < T:
+            kwargs["logits_to_keep"] = torch.as_tensor(keep, device=device)
+            cols = np.searchsorted(keep, rows_t)
+        else:
+            cols = rows_t
+        logits = model(input_ids=ids, attention_mask=attn, use_cache=False, **kwargs).logits  # (B, P, V)
+        rb, rc = (torch.as_tensor(a, device=logits.device) for a in (rows_b, cols))
+        rows_of = lambda lo, hi: logits[rb[lo:hi], rc[lo:hi]]  # noqa: E731  (C, V) a copy
+    V = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    chunk = max(1, _CHUNK_ELEMENTS // (V or 1 << 17))
+    top_ids, top_lp, gold_lp, ok = [], [], [], []
     for lo in range(0, len(rows_b), chunk):
-        x = logits[rb[lo:lo + chunk], rc[lo:lo + chunk]].float()  # (C, V) float32 before any softmax
-        finite = torch.isfinite(x).all(dim=-1)
-        if not bool(finite.all()):
-            bad = int(rows_b[lo + int((~finite).nonzero()[0])])
-            raise PivotfuseError(f"sample {names[bad]!r}: model produced NaN/inf logits "
-                                 "(try --dtype float32 or check the weights)")
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)  # (C, 1)
-        values, indices = x.topk(k, dim=-1)  # (C, k), sorted best first
+        x = rows_of(lo, lo + chunk).float()  # (C, V) float32, a fresh tensor consumed in place below
+        if k > x.shape[-1]:
+            raise PivotfuseError(f"top-k {k} exceeds the vocabulary size {x.shape[-1]}")
+        values, indices = x.topk(k, dim=-1, sorted=False)  # (C, k); sorting only k after is cheaper on CPU
+        values, order = values.sort(dim=-1, descending=True, stable=True)
+        indices = indices.gather(1, order)
+        g = x.gather(1, torch.as_tensor(gold[lo:lo + chunk, None], device=x.device))[:, 0]  # (C,)
+        m = values[:, :1]
+        lse = m + x.sub_(m).exp_().sum(-1, keepdim=True).log_()  # (C, 1); in place: no (C, V) temporaries
         top_ids.append(indices)
         top_lp.append(values - lse)
-        gold_lp.append((x.gather(1, gold[lo:lo + chunk, None]) - lse)[:, 0])
-    all_ids = torch.cat(top_ids).cpu().numpy()
-    all_lp = torch.cat(top_lp).cpu().numpy()
-    all_gold = torch.cat(gold_lp).cpu().numpy()
+        gold_lp.append(g - lse[:, 0])
+        ok.append(torch.isfinite(lse[:, 0]) & torch.isfinite(values).all(-1) & torch.isfinite(g))
+    bad = np.flatnonzero(~torch.cat(ok).cpu().numpy())  # one device sync per batch
+    if len(bad):
+        raise PivotfuseError(f"sample {names[int(rows_b[bad[0]])]!r}: model produced NaN/inf logits "
+                             "(try --dtype float32 or check the weights)")
+    all_ids, all_lp, all_gold = (torch.cat(t).cpu().numpy() for t in (top_ids, top_lp, gold_lp))
     bounds = np.cumsum([0] + [len(p) for p in gold_positions])
-    return [SequenceScores(all_ids[a:b], all_lp[a:b], all_gold[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [SequenceScores(all_ids[a:z], all_lp[a:z], all_gold[a:z]) for a, z in zip(bounds[:-1], bounds[1:])]

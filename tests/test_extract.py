@@ -71,7 +71,7 @@ def _build(kind: str, out: Path, template: str | None = "own") -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("extract")
     data = root / "data.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _rows()))
@@ -92,22 +92,21 @@ def _load(model_dir: Path) -> tuple:
             AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval())
 
 
-def _reference(model_dir: Path, text: str) -> tuple[list[int], list[tuple[int, int]], torch.Tensor]:
+def _reference(model_dir: Path, text: str, max_len: int) -> tuple[list[int], list[tuple[int, int]], torch.Tensor]:
     """Token ids, offsets and the full float32 log_softmax of one unpadded sequence."""
     tok, model = _load(model_dir)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"][:MAX_LEN]
+    ids = enc["input_ids"][:max_len]
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].float()
-    return ids, [tuple(o) for o in enc["offset_mapping"][:MAX_LEN]], torch.log_softmax(logits, dim=-1)
+    return ids, [tuple(o) for o in enc["offset_mapping"][:max_len]], torch.log_softmax(logits, dim=-1)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen"])
-def test_stored_distributions_equal_full_log_softmax(world: dict, kind: str) -> None:
-    store = LogitStore(world["stores"][kind][0].out)
+def check_distributions(store: LogitStore, model_dir: Path, max_len: int) -> None:
+    """Stored top-k / gold log-probs / CE against a full log_softmax of the model's own logits."""
     k = store.k
     for rec in store:
-        ids, offsets, lp = _reference(world["models"][kind], rec.text)
+        ids, offsets, lp = _reference(model_dir, rec.text, max_len)
         # the position of each stored token in the plain tokenisation (same id and same span, in order)
         pos, j = [], 0
         for t in range(1, len(ids)):
@@ -125,18 +124,13 @@ def test_stored_distributions_equal_full_log_softmax(world: dict, kind: str) -> 
         assert (at_ids[:, -1] >= ref_vals[:, k] - 1e-5).all()  # nothing outside the stored k is more likely
         assert rec.topk_ids.dtype == np.int32 and rec.topk_logprobs.dtype == np.float16
         # the sequence CE is the mean of the gold log-probs (float32), and the stored fp16 ones sum to it
-        assert rec.ce == pytest.approx(-gold.astype(np.float64).mean(), rel=1e-5)
-        assert -rec.gold_logprobs.astype(np.float64).sum() == pytest.approx(rec.ce * rec.n_tokens, rel=1e-3)
-        assert rec.gold_logprobs.std() > 0.3  # the check above is not on a flat distribution
+        assert rec.ce == pytest.approx(-gold.astype(np.float64).mean(), rel=1e-5, abs=1e-4)  # batch vs alone
+        assert -rec.gold_logprobs.astype(np.float64).sum() == pytest.approx(rec.ce * rec.n_tokens, rel=2e-3, abs=1e-2)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen"])
-def test_spans_and_mask_cover_exactly_the_assistant_text(world: dict, kind: str) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(world["models"][kind]))
-    rows = {r["id"]: r for r in _rows()}
-    store = LogitStore(world["stores"][kind][0].out)
+def check_spans(store: LogitStore, rows: dict[str, dict], model_dir: Path, max_len: int) -> None:
+    """Scored tokens cover exactly the assistant replies (+ end-of-turn), found here by string search."""
+    tok, _ = _load(model_dir)
     for rec in store:
         text = rec.text
         expected, pos = set(), 0
@@ -151,7 +145,7 @@ def test_spans_and_mask_cover_exactly_the_assistant_text(world: dict, kind: str)
             pos = end
         if rec.truncated:  # nothing past the last token fed to the model
             enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-            expected = {i for i in expected if i < enc["offset_mapping"][MAX_LEN - 1][1]}
+            expected = {i for i in expected if i < enc["offset_mapping"][max_len - 1][1]}
         scored = {i for a, b in rec.spans for i in range(a, b) if not text[i].isspace()}
         assert scored == expected, rec.id
         for tid, (a, b) in zip(rec.token_ids.tolist(), rec.spans):
@@ -164,16 +158,28 @@ def test_spans_and_mask_cover_exactly_the_assistant_text(world: dict, kind: str)
             assert (rec.n_chars, rec.n_bytes) == (len(plain), len(plain.encode())), rec.id
 
 
-def test_scored_characters_agree_across_tokenizers(world: dict) -> None:
-    llama, qwen = (LogitStore(world["stores"][k][0].out) for k in ("llama", "qwen"))
+@pytest.mark.parametrize("kind", ["llama", "qwen"])
+def test_stored_distributions_equal_full_log_softmax(built: dict, kind: str) -> None:
+    store = LogitStore(built["stores"][kind][0].out)
+    check_distributions(store, built["models"][kind], MAX_LEN)
+    assert min(r.gold_logprobs.std() for r in store) > 0.3  # the checks are not on flat distributions
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen"])
+def test_spans_and_mask_cover_exactly_the_assistant_text(built: dict, kind: str) -> None:
+    check_spans(LogitStore(built["stores"][kind][0].out), {r["id"]: r for r in _rows()}, built["models"][kind], MAX_LEN)
+
+
+def test_scored_characters_agree_across_tokenizers(built: dict) -> None:
+    llama, qwen = (LogitStore(built["stores"][k][0].out) for k in ("llama", "qwen"))
     same = [(a.n_chars, a.n_bytes) == (b.n_chars, b.n_bytes) for a, b in zip(llama, qwen) if not a.truncated]
     assert [a.id for a in llama] == [b.id for b in qwen] and len(same) >= 5 and all(same)
 
 
-def test_counts_of_skipped_and_truncated_rows(world: dict) -> None:
+def test_counts_of_skipped_and_truncated_rows(built: dict) -> None:
     from transformers import AutoTokenizer
 
-    for kind, (cfg, stats) in world["stores"].items():
+    for kind, (cfg, stats) in built["stores"].items():
         store = LogitStore(cfg.out)
         assert stats == store.stats
         ids = [r.id for r in store]
@@ -194,8 +200,8 @@ def _shard_bytes(out: str) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((Path(out) / "shards").iterdir())}
 
 
-def test_kill_and_resume_gives_the_same_store(world: dict, tmp_path: Path) -> None:
-    ref_cfg = world["stores"]["llama"][0]
+def test_kill_and_resume_gives_the_same_store(built: dict, tmp_path: Path) -> None:
+    ref_cfg = built["stores"]["llama"][0]
     cfg = ExtractConfig(**{**ref_cfg.__dict__, "out": str(tmp_path / "store")})
     done: list[int] = []
 
@@ -211,13 +217,13 @@ def test_kill_and_resume_gives_the_same_store(world: dict, tmp_path: Path) -> No
     extract(cfg, on_shard=done.append)
     assert done == [0, 1, 2]  # shard 0 was not redone
     assert _shard_bytes(cfg.out) == _shard_bytes(ref_cfg.out)
-    assert json.loads(Path(cfg.out, "manifest.json").read_text())["stats"] == world["stores"]["llama"][1]
+    assert json.loads(Path(cfg.out, "manifest.json").read_text())["stats"] == built["stores"]["llama"][1]
     extract(cfg, on_shard=done.append)  # a complete store: nothing to do
     assert len(done) == 3
 
 
-def test_fingerprint_mismatch_is_refused(world: dict, tmp_path: Path) -> None:
-    cfg = world["stores"]["llama"][0]
+def test_fingerprint_mismatch_is_refused(built: dict, tmp_path: Path) -> None:
+    cfg = built["stores"]["llama"][0]
     with pytest.raises(PivotfuseError, match="different settings"):
         extract(ExtractConfig(**{**cfg.__dict__, "top_k": 3}))
     other = tmp_path / "other.jsonl"
@@ -245,19 +251,19 @@ def _cli_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
     return last
 
 
-def test_bad_inputs_give_one_line_errors(world: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    data, out = str(world["data"]), str(tmp_path / "out")
+def test_bad_inputs_give_one_line_errors(built: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data, out = str(built["data"]), str(tmp_path / "out")
     assert "not a model folder" in _cli_error(capsys, "--model", str(tmp_path / "nope"), "--data", data, "--out", out)
     bare = _build("llama", tmp_path / "bare", template=None)
     assert "--chat-template" in _cli_error(capsys, "--model", str(bare), "--data", data, "--out", out)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    assert "no conversations" in _cli_error(capsys, "--model", str(world["models"]["llama"]), "--data",
+    assert "no conversations" in _cli_error(capsys, "--model", str(built["models"]["llama"]), "--data",
                                             str(empty), "--out", out)
     only_users = tmp_path / "users.jsonl"
     only_users.write_text(json.dumps(_rows()[2]) + "\n")
     assert "no conversation has an assistant reply" in _cli_error(
-        capsys, "--model", str(world["models"]["llama"]), "--data", str(only_users), "--out", out)
+        capsys, "--model", str(built["models"]["llama"]), "--data", str(only_users), "--out", out)
     # a model without a template works when one is given; NaN weights are caught and the sample named
     template = tmp_path / "inst.jinja"
     template.write_text(INST)
@@ -265,23 +271,23 @@ def test_bad_inputs_give_one_line_errors(world: dict, tmp_path: Path, capsys: py
     weights["lm_head.weight"][7, 3] = float("nan")
     save_file(weights, bare / "model.safetensors", metadata={"format": "pt"})
     err = _cli_error(capsys, "--model", str(bare), "--data", data, "--out", out, "--chat-template", str(template))
-    assert "NaN/inf logits" in err and "sample '" in err and str(world["data"]) in err
+    assert "NaN/inf logits" in err and "sample '" in err and str(built["data"]) in err
 
 
-def test_recipe_drives_extraction(world: dict, tmp_path: Path) -> None:
+def test_recipe_drives_extraction(built: dict, tmp_path: Path) -> None:
     from cli import main
 
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"out: {tmp_path / 'run'}\nmodels:\n  pivot: {{name: p, path: {world['models']['llama']}}}\n"
-                      f"data: {{fusion: {world['data']}}}\nextract: {{top_k: 3, max_length: 40, shard_size: 100}}\n")
+    recipe.write_text(f"out: {tmp_path / 'run'}\nmodels:\n  pivot: {{name: p, path: {built['models']['llama']}}}\n"
+                      f"data: {{fusion: {built['data']}}}\nextract: {{top_k: 3, max_length: 40, shard_size: 100}}\n")
     assert main(["extract", "--recipe", str(recipe), "--model", "p", "--batch-size", "16"]) == 0
     store = LogitStore(tmp_path / "run/extract/p")
     assert store.k == 3 and store.manifest["n_shards"] == 1 and max(r.seq_len for r in store) == 40
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_same_store(world: dict, tmp_path: Path) -> None:
-    cfg = world["stores"]["qwen"][0]
+def test_two_processes_give_the_same_store(built: dict, tmp_path: Path) -> None:
+    cfg = built["stores"]["qwen"][0]
     out = tmp_path / "two"
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO / "cli.py"),
@@ -295,3 +301,22 @@ def test_two_processes_give_the_same_store(world: dict, tmp_path: Path) -> None:
     assert _shard_bytes(str(out)) == _shard_bytes(cfg.out)
     one, two = (json.loads(Path(p, "manifest.json").read_text()) for p in (cfg.out, out))
     assert one == two
+
+
+def test_world_models(world: Path, tmp_path: Path) -> None:
+    """The demo world's pivot and sources (four tokenizers, three templates) on part of the fusion corpus."""
+    lines = (world / "data/fusion.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines[:: max(1, len(lines) // 16)][:16]]
+    data = tmp_path / "fusion.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    chars = {}
+    for name in ("pivot", "arith", "facts", "strings"):
+        cfg = ExtractConfig(model=str(world / "models" / name), data=str(data), out=str(tmp_path / name),
+                            batch_size=4, max_length=512)
+        stats = extract(cfg)
+        store = LogitStore(cfg.out)
+        assert stats["stored"] == len(rows) and stats["truncated"] == 0
+        check_distributions(store, Path(cfg.model), cfg.max_length)
+        check_spans(store, {r["id"]: r for r in rows}, Path(cfg.model), cfg.max_length)
+        chars[name] = [(r.n_chars, r.n_bytes) for r in store]
+    assert len({tuple(c) for c in chars.values()}) == 1  # CE per character is comparable across them

@@ -1,0 +1,184 @@
+"""Teacher extraction throughput against a bare forward pass of the same model and batches, and store size.
+
+    python bench/extract.py [--model DIR] [--data FILE] [--n 24] [--hidden 512] [--layers 8]
+                            [--top-k 10] [--batch-size 8] [--max-length 1024] [--repeats 3]
+
+Without --model it builds a Llama (real Llama-2 32k tokenizer, [INST] template) of the given size;
+without --data a synthetic multi-turn chat corpus. Both variants see the same tokenised, length-sorted
+batches and the same device/dtype:
+
+  forward   `model(input_ids, attention_mask).logits` per batch (what any scoring script starts from)
+  extract   the whole `pivotfuse extract` shard loop: render + tokenise, forward with the logits of
+            scored positions only, float32 log-softmax / top-k / gold, fp16 records, Arrow write + fsync
+
+They alternate `--repeats` times (machine noise hits both alike); the best time of each is compared.
+Tokens/s counts the real (unpadded) tokens fed to the model. Bytes per scored token: the store's
+shard files over the scored tokens, against FuseChat's layout (fp16 logits + int64 ids for every
+position padded to the max length). Last line: `RESULT extract vs_forward=<ratio> bytes_per_token=<n>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import fuse.extract as fx  # noqa: E402
+from core.chat import load_conversations  # noqa: E402
+from fuse.extract_score import score_batch  # noqa: E402, F401  (imported before timing starts)
+from fuse.store import LogitStore  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared/assets/tokenizers"
+INST = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+        "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+WORDS = ("the model reads every reply with its own template and keeps ten candidates per token while "
+         "numbers like 17 42 and 1024 appear next to names such as Paris Tokyo and Lagos in plain prose "
+         "with commas, full stops; questions? and answers!").split()
+
+
+def build_model(out: Path, hidden: int, layers: int) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if not ASSETS.is_dir():
+        sys.exit(f"bench/extract.py: tokenizer assets not found at {ASSETS} (pass --model DIR)")
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(str(ASSETS / "llama2"))
+    tok.chat_template = INST
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
+                      num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 2), max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def build_data(out: Path, n: int) -> None:
+    rng = random.Random(0)
+    words = lambda lo, hi: " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi))).capitalize() + "."  # noqa: E731
+    with out.open("w") as fh:
+        for i in range(n):
+            msgs = []
+            for _ in range(rng.randint(1, 3)):
+                msgs += [{"role": "user", "content": words(10, 60)}, {"role": "assistant", "content": words(30, 200)}]
+            fh.write(json.dumps({"id": f"c{i}", "messages": msgs}) + "\n")
+
+
+def forward_pass(model, batches: list, pad_id: int) -> float:
+    """Seconds for a plain forward over every batch (full logits), synchronised at the end."""
+    device = model.get_input_embeddings().weight.device
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for batch in batches:
+            T = max(len(p.ids) for p in batch)
+            ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for b, p in enumerate(batch):
+                ids[b, : len(p.ids)] = torch.tensor(p.ids)
+                attn[b, : len(p.ids)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits
+            del logits
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def timed_extract(cfg: fx.ExtractConfig) -> float:
+    """Seconds spent in the shard loop of one full `extract` run (setup and model loading excluded)."""
+    spent = [0.0]
+    inner = fx._extract_shard
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        inner(*args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        spent[0] += time.perf_counter() - start
+
+    shutil.rmtree(cfg.out, ignore_errors=True)
+    fx._extract_shard = timed
+    try:
+        fx.extract(cfg)
+    finally:
+        fx._extract_shard = inner
+    return spent[0]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model"), ap.add_argument("--data")
+    ap.add_argument("--n", type=int, default=24, help="synthetic conversations")
+    ap.add_argument("--hidden", type=int, default=512), ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=10), ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=1024), ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", default="auto", choices=fx.DTYPES)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    try:
+        model_dir = Path(args.model) if args.model else tmp / "model"
+        data = Path(args.data) if args.data else tmp / "data.jsonl"
+        if not args.model:
+            build_model(model_dir, args.hidden, args.layers)
+        if not args.data:
+            build_data(data, args.n)
+        cfg = fx.ExtractConfig(model=str(model_dir), data=str(data), out=str(tmp / "store"), top_k=args.top_k,
+                               batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype,
+                               shard_size=32)
+        # The exact batches the extraction loop forms, for the bare forward pass.
+        from accelerate import PartialState
+
+        tok = fx.load_tokenizer(cfg.model)
+        template = fx.resolve_template(tok, cfg)
+        convs = load_conversations(cfg.data)
+        batches, stats = [], Counter()
+        for lo in range(0, len(convs), cfg.shard_size):
+            items = [p for i in range(lo, min(lo + cfg.shard_size, len(convs)))
+                     if (p := fx.prepare(i, convs[i], tok, template, cfg.max_length, stats)) is not None]
+            batches += fx.length_batches(items, cfg.batch_size)
+        tokens = sum(len(p.ids) for b in batches for p in b)
+        padded = sum(len(b) * max(len(p.ids) for p in b) for b in batches)
+        model = fx.load_model(cfg.model, fx.resolve_dtype(cfg.dtype), PartialState())
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        forward_pass(model, batches[:1], pad_id)  # warm-up
+        t_fwd, t_ext = [], []
+        for _ in range(args.repeats):
+            t_fwd.append(forward_pass(model, batches, pad_id))
+            t_ext.append(timed_extract(cfg))
+        store = LogitStore(cfg.out)
+        scored = store.stats["scored_tokens"]
+        size = store.nbytes()
+        table = store.dataset().data.table
+        fusechat = len(store) * args.max_length * (2 + 8) * args.top_k
+        fwd, ext = tokens / min(t_fwd), tokens / min(t_ext)
+        device = model.get_input_embeddings().weight.device
+        print(f"model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+              f"vocab {len(tok)}, {next(model.parameters()).dtype}, {device}); {len(store)} conversations, "
+              f"{tokens} tokens ({tokens / padded:.0%} of padded), {scored} scored; k={args.top_k}, "
+              f"batch {args.batch_size}, threads {torch.get_num_threads()}")
+        print(f"\n| variant | tokens/s | vs forward |\n|---|---:|---:|\n| forward (full logits) | {fwd:,.0f} | 1.00 |\n"
+              f"| extract (whole shard loop) | {ext:,.0f} | {ext / fwd:.2f} |")
+        print("\n| store part | bytes per scored token |\n|---|---:|")
+        for name in table.column_names:
+            print(f"| {name} | {table.column(name).nbytes / scored:.1f} |")
+        print(f"| **shard files on disk** | **{size / scored:.1f}** |\n"
+              f"| FuseChat layout (fp16 logits + int64 ids, every position padded to {args.max_length}) | "
+              f"{fusechat / scored:.1f} |")
+        print(f"\nstore: {size / 1e6:.2f} MB for {len(store)} conversations "
+              f"(FuseChat layout {fusechat / 1e6:.1f} MB, {fusechat / size:.0f}x)")
+        print(f"RESULT extract vs_forward={ext / fwd:.2f} bytes_per_token={size / scored:.1f}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
