@@ -34,6 +34,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 1024 * 1024
 _MAX_IO = 1 << 30  # bytes per preadv/pwrite call (Linux caps one call at ~2 GiB)
+_BLOCK = 1 << 20  # elements per block when converting dtypes on the way in or out
 # Files copied from the base next to the merged weights: config, tokenizer, chat template, custom code.
 AUX_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json",
              "merges.txt", "preprocessor_config.json", "processor_config.json")
@@ -146,24 +147,36 @@ class SafetensorsReader:
             return self._fds[path]
 
     def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
-        """Read tensor `name` into `out` (same number of elements; converted when dtypes differ)."""
+        """Read tensor `name` into contiguous `out` (same number of elements).
+
+        Same dtype: the bytes land in `out` directly. Otherwise they are read and converted
+        block by block, so no full-size temporary of the stored dtype is ever allocated.
+        """
         info = self.infos[name]
         if out.numel() != info.numel:
             raise PivotfuseError(f"model {self.label}: tensor {name} has shape {list(info.shape)}, "
                                  f"expected {out.numel()} elements")
-        raw = out if (out.dtype == info.dtype and out.is_contiguous()) else torch.empty(info.numel, dtype=info.dtype)
-        if info.nbytes:
-            buf = raw.view(-1).view(torch.uint8).numpy()
-            fd, done = self._fd(info.file), 0
-            while done < info.nbytes:
-                n = os.preadv(fd, [buf[done:done + _MAX_IO]], info.offset + done)
-                if n <= 0:
-                    raise PivotfuseError(f"model {self.label}: file {info.file.name} is truncated "
-                                         f"(tensor {name} ends past the end of the file)")
-                done += n
-        if raw is not out:
-            out.copy_(raw.view(out.shape))
+        flat = out.view(-1)
+        if out.dtype == info.dtype or not info.numel:
+            self._pread(info, flat.view(torch.uint8).numpy(), 0)
+            return out
+        block = min(info.numel, _BLOCK)
+        raw = torch.empty(block, dtype=info.dtype)
+        for start in range(0, info.numel, block):
+            n = min(block, info.numel - start)
+            self._pread(info, raw[:n].view(torch.uint8).numpy(), start * info.dtype.itemsize)
+            flat[start:start + n].copy_(raw[:n])
         return out
+
+    def _pread(self, info: TensorInfo, buf, skip: int) -> None:
+        """Fill byte buffer `buf` from tensor `info`'s data, starting `skip` bytes in."""
+        fd, done, size = self._fd(info.file), 0, buf.nbytes
+        while done < size:
+            n = os.preadv(fd, [buf[done:done + _MAX_IO]], info.offset + skip + done)
+            if n <= 0:
+                raise PivotfuseError(f"model {self.label}: file {info.file.name} is truncated "
+                                     f"(tensor {info.name} ends past the end of the file)")
+            done += n
 
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Read tensor `name` (optionally converted to `dtype`) into a new tensor."""
@@ -218,7 +231,7 @@ class ShardedWriter:
             used += n
         total = len(shards)
         self.files: list[Path] = []
-        self.slots: dict[str, tuple[int, int, int]] = {}  # name -> (shard, offset, nbytes)
+        self.slots: dict[str, tuple[int, int, int, torch.dtype]] = {}  # name -> (shard, offset, nbytes, dtype)
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self._fds: list[int] = []
@@ -241,19 +254,30 @@ class ShardedWriter:
                 os.ftruncate(fd, len(head) + pos)
             self._fds.append(fd)
             self.files.append(path)
-            for name, _, _, begin, end in entries:
-                self.slots[name] = (i, len(head) + begin, end - begin)
+            for name, dtype, _, begin, end in entries:
+                self.slots[name] = (i, len(head) + begin, end - begin, dtype)
                 self.weight_map[name] = fname
                 self.total_size += end - begin
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write `tensor` (dtype and size as planned) into its slot."""
-        shard, offset, nbytes = self.slots[name]
-        data = tensor.contiguous().view(-1).view(torch.uint8).numpy() if nbytes else None
-        if nbytes and data.nbytes != nbytes:
-            raise ValueError(f"{name}: {data.nbytes} bytes given, {nbytes} planned")
+        """Write `tensor` (planned size; converted block by block to the planned dtype) into its slot."""
+        shard, offset, nbytes, dtype = self.slots[name]
+        flat = tensor.contiguous().view(-1)
+        if flat.numel() * dtype.itemsize != nbytes:
+            raise ValueError(f"{name}: {flat.numel()} elements of {dtype} do not fill {nbytes} planned bytes")
+        if flat.dtype == dtype or not nbytes:
+            self._pwrite(shard, flat.view(torch.uint8).numpy(), offset)
+            return
+        block = min(flat.numel(), _BLOCK)
+        scratch = torch.empty(block, dtype=dtype)
+        for start in range(0, flat.numel(), block):
+            n = min(block, flat.numel() - start)
+            scratch[:n].copy_(flat[start:start + n])
+            self._pwrite(shard, scratch[:n].view(torch.uint8).numpy(), offset + start * dtype.itemsize)
+
+    def _pwrite(self, shard: int, data, offset: int) -> None:
         done = 0
-        while done < nbytes:
+        while done < data.nbytes:
             done += os.pwrite(self._fds[shard], data[done:done + _MAX_IO], offset + done)
 
     def close(self) -> None:

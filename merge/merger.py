@@ -28,6 +28,7 @@ from core.errors import PivotfuseError
 from merge import card, methods
 from merge.config import MergeConfig, parse_size
 from merge.io import SafetensorsReader, ShardedWriter, copy_aux_files
+from merge.parallel import compute_threads
 
 # Output heads that `tie_word_embeddings` models omit: a model without one uses its input embedding.
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
@@ -102,9 +103,30 @@ def plan_merge(base: SafetensorsReader, models: list[SafetensorsReader], dtype: 
     return items
 
 
+def _glibc_trim():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        return None
+
+
+_MALLOC_TRIM = _glibc_trim()
+_TRIM_ABOVE = 64 << 20
+
+
+def _release_free_memory() -> None:
+    """Hand the allocator's free pages back to the OS after a big tensor: glibc keeps the
+    slice temporaries' freed memory in its per-thread arenas, which would add up to the peak."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _check_finite(t: torch.Tensor, label: str, name: str) -> None:
-    # A float64 sum is finite exactly when every element is (fp32 values cannot overflow it).
-    if not torch.isfinite(t.reshape(-1).sum(dtype=torch.float64)):
+    # A float32 sum is finite whenever every element is, barring overflow (|sum| > 3e38),
+    # which the exact element-wise check then tells apart; NaN and inf always propagate.
+    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
         raise PivotfuseError(f"model {label}: tensor {name} contains NaN or inf")
 
 
@@ -214,6 +236,7 @@ def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: lis
                 it, tensor, rec = msg
                 t0 = time.perf_counter()
                 writer.write(it.name, tensor)
+                del msg, tensor  # freed before the budget lets the reader fetch more
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()  # only logged once written: a resumed run trusts these names
                 done[it.name] = rec
@@ -228,7 +251,7 @@ def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: lis
                               density=config.density, normalize=config.resolved_normalize(),
                               rescale=config.rescale, scale=config.scale, seed=config.seed)
     n_threads = threads or torch.get_num_threads()
-    with log.open("a") as fh, methods.compute_threads(n_threads):
+    with log.open("a") as fh, compute_threads(n_threads):
         rt = threading.Thread(target=read_loop, name="merge-read", daemon=True)
         wt = threading.Thread(target=write_loop, args=(fh,), name="merge-write", daemon=True)
         rt.start()
@@ -244,11 +267,13 @@ def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: lis
                 rec: dict = {"name": it.name}
                 if it.merge:
                     res = fn(b, buf, dataclasses.replace(args, key=it.name))
-                    tensor = res.tensor.to(it.out_dtype)
+                    tensor = res.tensor  # float32: the writer converts to the output dtype
                     rec.update(weights=res.weights, kept=res.kept)
                     del res, buf
                 else:
                     tensor = b
+                if it.nbytes > _TRIM_ABOVE:
+                    _release_free_memory()
                 secs["compute"] += time.perf_counter() - t0
                 q_out.put((it, tensor, rec))
                 del b, tensor

@@ -1,29 +1,24 @@
 """Merge methods: pure functions over the tensors of ONE parameter, registered by name.
 
 Every method takes `base` (float32, the parameter's shape), `models` (float32, (K, *shape):
-the K models' values, a buffer the method may overwrite, e.g. with the task vectors
-τ_k = θ_k − θ_base, so that no second (K, *shape) copy is ever made) and `MethodArgs`, and
-returns a `MethodResult` with the merged float32 tensor and the per-model weights it used.
-All maths is float32 (float64 for sums over a whole tensor and for the variance, which is
-computed bit-for-bit as `torch.var(unbiased=False)` so top-τ selection matches mergekit).
-Element-wise work runs over fixed slices of the flattened tensor: cache-friendly, and the
-temporaries stay a few MB whatever the tensor size. Results equal the formulas exactly
-(up to float rounding); tests compare each method with a plain whole-tensor reference and
-with mergekit 0.1.5.
+the K models' values) and `MethodArgs`, and returns a `MethodResult` with the merged float32
+tensor and the per-model weights it used. To keep a merge's memory at a few tensors, both
+input buffers are consumed: `models` becomes the task vectors τ_k = θ_k − θ_base and the
+result is written into `base`'s memory. All maths is float32 (sums over a whole tensor add
+float32 slice sums in float64). Results equal the formulas up to float rounding, and equal
+mergekit 0.1.5 to ~1e-7 (tests compare each method with both).
 """
 
 from __future__ import annotations
 
 import hashlib
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import torch
 
-CHUNK = 1 << 18  # elements per slice: a few K-row float64 slices stay in cache
-_POOL: ThreadPoolExecutor | None = None
+from merge.parallel import each
+from merge.select import Scores, count_nonzero, topk_mask, variance_scores
 
 
 @dataclass(frozen=True)
@@ -43,7 +38,7 @@ class MethodArgs:
 
 @dataclass
 class MethodResult:
-    tensor: torch.Tensor  # merged, float32, the base's shape
+    tensor: torch.Tensor  # merged, float32, the base's shape (shares the base buffer's memory)
     weights: list[float]  # per-model weight used for this tensor
     kept: list[float] | None = None  # per-model share of elements that reached the merge (masking methods)
 
@@ -59,123 +54,51 @@ def register(name: str) -> Callable[[MergeFn], MergeFn]:
     return deco
 
 
-@contextmanager
-def compute_threads(n: int) -> Iterator[None]:
-    """Run the slice loops of the methods on `n` Python threads, each with single-threaded
-    torch kernels. On a busy machine this is much faster than torch's OpenMP threads, whose
-    barriers stall whenever one core is taken; results do not depend on `n`."""
-    global _POOL
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    _POOL = ThreadPoolExecutor(n, thread_name_prefix="merge") if n > 1 else None
-    try:
-        yield
-    finally:
-        if _POOL is not None:
-            _POOL.shutdown()
-        _POOL = None
-        torch.set_num_threads(old)
+def _task_vectors(base: torch.Tensor, models: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flatten, and turn the models buffer into task vectors in place: (N,) base, (K, N) τ."""
+    b, d = base.reshape(-1), models.view(models.shape[0], -1)
+    each(lambda s, e: d[:, s:e].sub_(b[s:e]), b.numel())
+    return b, d
 
 
-def _spans(n: int) -> list[tuple[int, int]]:
-    return [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)]
-
-
-def _each(fn: Callable[[int, int], Any], n: int) -> list[Any]:
-    """[fn(start, end) for every slice of range(n)], in order (on the compute threads if any)."""
-    spans = _spans(n)
-    if _POOL is None or len(spans) < 2:
-        return [fn(s, e) for s, e in spans]
-    return list(_POOL.map(lambda se: fn(*se), spans))
-
-
-def population_variance(deltas: torch.Tensor) -> torch.Tensor:
-    """Variance over models (dim 0) of a (K, N) float32 tensor, (N,) float32.
-
-    Welford's update in float64, the very arithmetic of torch's CPU `var(dim=0, unbiased=False)`
-    (so results are bit-identical), but slice by slice: torch's own kernel is ~10× slower on
-    a reduction over a short leading dimension.
-    """
-    k, n = deltas.shape
-    out = torch.empty(n, dtype=torch.float32)
-
-    def part(s: int, e: int) -> None:
-        mean = deltas[0, s:e].double()
-        m2 = torch.zeros_like(mean)
-        for i in range(1, k):
-            x = deltas[i, s:e].double()
-            d = x - mean
-            mean += d / (i + 1)
-            m2 += d * (x - mean)
-        out[s:e] = m2 / k
-
-    _each(part, n)
-    return out
-
-
-def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the `k` largest entries of a 1-D tensor (ties at the k-th value: lowest index first).
-
-    A linear-time selection (`kthvalue`) instead of mergekit's sort: same set whenever the
-    k-th value is unique.
-    """
-    n = values.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool)
-    threshold = torch.kthvalue(values, n - k + 1).values
-    mask = values > threshold
-    need = k - int(mask.sum())
-    if need > 0:
-        mask[(values == threshold).nonzero().view(-1)[:need]] = True
-    return mask
-
-
-def _mean_squares(deltas: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """mean(τ_k²) per model (float64 accumulation), optionally over masked elements only."""
-    k, n = deltas.shape
+def _mean_squares(d: torch.Tensor, mask: torch.Tensor | None = None, apply: bool = False) -> torch.Tensor:
+    """mean(τ_k²) per model, float64, over `mask`ed elements; `apply` also zeroes the rest of τ in place."""
+    k, n = d.shape
 
     def part(s: int, e: int) -> torch.Tensor:
-        x = deltas[:, s:e]
+        x = d[:, s:e]
         if mask is not None:
-            x = x * mask[s:e]
-        return (x * x).sum(1, dtype=torch.float64)  # (K,)
+            if apply:
+                x.mul_(mask[s:e])
+            else:
+                x = x * mask[s:e]
+        return (x * x).sum(1).double()  # (K,)
 
-    acc = torch.zeros(k, dtype=torch.float64)
-    for p in _each(part, n):  # partial sums added in slice order: deterministic
-        acc += p
-    return acc / max(n, 1)
+    return torch.stack(each(part, n)).sum(0) / max(n, 1) if n else torch.zeros(k, dtype=torch.float64)
 
 
 def _ratio_weights(ms: torch.Tensor, tiny: float) -> torch.Tensor:
     """w_k = ms_k / Σ ms_j as float32, uniform when Σ ms_j <= `tiny` (all task vectors ~zero)."""
     total = float(ms.sum())
     if abs(total) <= tiny:
-        return torch.full_like(ms, 1.0 / ms.numel(), dtype=torch.float32)
+        return torch.full(ms.shape, 1.0 / ms.numel(), dtype=torch.float32)
     return (ms / total).float()
 
 
-def _task_vectors(base: torch.Tensor, models: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten and turn the models buffer into task vectors τ_k = θ_k − base, in place: (N,), (K, N)."""
-    b, d = base.reshape(-1), models.view(models.shape[0], -1)
-    _each(lambda s, e: d[:, s:e].sub_(b[s:e]), b.numel())
-    return b, d
+def _elect(x: torch.Tensor, w_num: torch.Tensor | None, w_den: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TIES sign election on a (K, c) slice: keep_k = sign(x_k) == sign(Σ_j x_j) (a zero sum
+    counts as +; zeros are never kept).
 
-
-def _mask_(d: torch.Tensor, mask: torch.Tensor) -> None:
-    """Zero the (K, N) task vectors where the (N,) bool mask is False, in place."""
-    _each(lambda s, e: d[:, s:e].mul_(mask[s:e]), mask.numel())
-
-
-def _kept_share(parts: list[torch.Tensor], n: int) -> list[float]:
-    return (torch.stack(parts).sum(0).double() / max(n, 1)).tolist() if parts else []
-
-
-def _majority_keep(x: torch.Tensor) -> torch.Tensor:
-    """TIES sign election on a (K, c) slice: keep_k = sign(x_k) == sign(Σ_k x_k) (a zero sum counts as +)."""
-    majority = (x.sum(0) >= 0).to(x.dtype) * 2 - 1  # (c,)
-    return x.sign() == majority  # (K, c); zeros are never kept
+    Returns (majority sign (c,), Σ_k keep_k·x_k·w_num_k, Σ_k keep_k·w_den_k, keep counts (K,)),
+    computed without boolean tensors (slow on CPU): r = relu(x·sign) holds |x_k| where kept and
+    0 elsewhere, so sign·Σ_k w_k·r_k equals mergekit's Σ_k (w_k·keep_k)·x_k term for term.
+    """
+    majority = torch.copysign(torch.ones((), dtype=x.dtype), x.sum(0))  # a -0 sum has only zeros to keep
+    r = (x * majority).clamp_(min=0)  # (K, c)
+    num = (r * w_num).sum(0) if w_num is not None else r.sum(0)
+    keep = r.sign_()  # (K, c): 1 where kept
+    return majority, num, (keep * w_den).sum(0), keep.sum(1)
 
 
 @register("varm")
@@ -183,10 +106,17 @@ def varm(base: torch.Tensor, models: torch.Tensor, args: MethodArgs) -> MethodRe
     """VaRM (FuseChat-1.0): w_k = mean(τ_k²) / Σ_j mean(τ_j²); merged = base + Σ_k w_k τ_k."""
     b, d = _task_vectors(base, models)
     w = _ratio_weights(_mean_squares(d), 0.0)
-    out = torch.empty_like(b)
     wc = w.view(-1, 1)
-    _each(lambda s, e: torch.add(b[s:e], (d[:, s:e] * wc).sum(0), out=out[s:e]), b.numel())
-    return MethodResult(out.view(base.shape), w.tolist())
+    each(lambda s, e: b[s:e].add_((d[:, s:e] * wc).sum(0)), b.numel())
+    return MethodResult(base, w.tolist())
+
+
+def select_by_variance(d: torch.Tensor, topk: float) -> torch.Tensor:
+    """SCE's selection: flat mask of the top `int(count_nonzero(var) * topk)` elements by
+    variance across the (K, N) task vectors — exactly mergekit's set (see `merge.select`)."""
+    scores = variance_scores(d)
+    count = int(torch.tensor(count_nonzero(scores)) * topk)  # mergekit's own rounding (a float32 product)
+    return topk_mask(scores, count)
 
 
 @register("sce")
@@ -200,41 +130,27 @@ def sce(base: torch.Tensor, models: torch.Tensor, args: MethodArgs) -> MethodRes
     the weights; the sign vote and the merge use the full τ_k; uniform weights only when the
     sum is 0; a zero denominator is replaced by 1.
     """
+    if args.sce_mask not in ("mergekit", "fusechat"):
+        raise ValueError(f"sce_mask must be 'mergekit' or 'fusechat', got {args.sce_mask!r}")
     b, d = _task_vectors(base, models)
     k, n = d.shape
-    mask = None
-    if args.select_topk < 1:
-        var = population_variance(d)  # (N,)
-        count = int(torch.count_nonzero(var) * args.select_topk)  # mergekit's own rounding (float32 product)
-        mask = topk_mask(var, count)
-        del var
-    if args.sce_mask == "mergekit":
-        if mask is not None:
-            _mask_(d, mask)
-        w = _ratio_weights(_mean_squares(d), 1e-6)
-    elif args.sce_mask == "fusechat":
-        w = _ratio_weights(_mean_squares(d, mask), 0.0)
-    else:
-        raise ValueError(f"sce_mask must be 'mergekit' or 'fusechat', got {args.sce_mask!r}")
+    mask = select_by_variance(d, args.select_topk) if args.select_topk < 1 else None
+    upstream = args.sce_mask == "mergekit"
+    w = _ratio_weights(_mean_squares(d, mask, apply=upstream), 1e-6 if upstream else 0.0)
     del mask
-    out = torch.empty_like(b)
     wc = w.view(-1, 1)
 
     def part(s: int, e: int) -> torch.Tensor:
-        x = d[:, s:e]
-        keep = _majority_keep(x)
-        ew = wc * keep  # (K, c) erased weights
-        num = (x * ew).sum(0)
-        den = ew.sum(0)
-        if args.sce_mask == "mergekit":
+        majority, num, den, kept = _elect(d[:, s:e], wc, wc)
+        if upstream:
             den.clamp_(min=1e-6)
         else:
-            den[den == 0] = 1
-        torch.add(b[s:e], num / den, out=out[s:e])
-        return keep.sum(1)
+            den.masked_fill_(den == 0, 1)
+        b[s:e].addcdiv_(majority * num, den)
+        return kept
 
-    kept = _each(part, n)
-    return MethodResult(out.view(base.shape), w.tolist(), _kept_share(kept, n))
+    kept = torch.stack(each(part, n)).sum(0) if n else torch.zeros(k)
+    return MethodResult(base, w.tolist(), (kept.double() / max(n, 1)).tolist())
 
 
 @register("linear")
@@ -242,16 +158,16 @@ def linear(base: torch.Tensor, models: torch.Tensor, args: MethodArgs) -> Method
     """merged = Σ_k w_k θ_k (/ Σ_k w_k when normalising, the default). The base is not averaged in."""
     b, t = base.reshape(-1), models.view(models.shape[0], -1)
     w = torch.tensor(args.weights, dtype=torch.float32)
-    out = torch.zeros_like(b)
 
     def part(s: int, e: int) -> None:
+        out = b[s:e].zero_()
         for i in range(t.shape[0]):
-            out[s:e].addcmul_(t[i, s:e], w[i])
+            out.addcmul_(t[i, s:e], w[i])
         if args.normalize:
-            out[s:e].div_(w.sum())
+            out.div_(w.sum())
 
-    _each(part, b.numel())
-    return MethodResult(out.view(base.shape), w.tolist())
+    each(part, b.numel())
+    return MethodResult(base, w.tolist())
 
 
 def _generator(seed: int, key: str, model: int, start: int) -> torch.Generator:
@@ -264,20 +180,20 @@ def _dare_(d: torch.Tensor, args: MethodArgs) -> None:
     """DARE on (K, N) task vectors, in place: drop each element with probability 1 − density,
     then rescale the kept ones (by 1/density, or back to the row's L1 norm as mergekit does)."""
     k, n = d.shape
-    before = d.abs().sum(1, dtype=torch.float64) if args.rescale == "l1" else None
 
-    def part(s: int, e: int) -> None:
+    def part(s: int, e: int) -> torch.Tensor:
+        before = d[:, s:e].abs().sum(1).double()
         for i in range(k):
             d[i, s:e].mul_(torch.rand(e - s, generator=_generator(args.seed, args.key, i, s)) < args.density)
+        if args.rescale == "inverse":
+            d[:, s:e].div_(args.density)
+        return torch.stack([before, d[:, s:e].abs().sum(1).double()])  # (2, K) L1 before/after
 
-    _each(part, n)
-    if args.rescale == "inverse":
-        _each(lambda s, e: d[:, s:e].div_(args.density), n)
-    elif args.rescale == "l1":  # mergekit 0.1.5: match the original L1 norm (skipped for ~zero norms)
-        after = d.abs().sum(1, dtype=torch.float64)
+    norms = torch.stack(each(part, n)).sum(0)
+    if args.rescale == "l1":  # mergekit 0.1.5: match the original L1 norm (skipped for ~zero norms)
         for i in range(k):
-            if before[i] >= 1e-7 and after[i] >= 1e-7:
-                d[i].mul_(float(before[i] / after[i]))
+            if norms[0, i] >= 1e-7 and norms[1, i] >= 1e-7:
+                d[i].mul_(float(norms[0, i] / norms[1, i]))
 
 
 def _task_arithmetic_family(base: torch.Tensor, models: torch.Tensor, args: MethodArgs,
@@ -289,38 +205,35 @@ def _task_arithmetic_family(base: torch.Tensor, models: torch.Tensor, args: Meth
     if sparsify == "magnitude" and args.density < 1:
         top = max(1, int(args.density * n))
         for i in range(k):
-            d[i].mul_(topk_mask(d[i].abs(), top))
+            row = d[i]
+            d[i].mul_(topk_mask(Scores(n, lambda s, e: row[s:e].abs(), lambda idx: row[idx].abs()), top))
     elif sparsify == "random" and args.density < 1:
         _dare_(d, args)
     w = torch.tensor(args.weights, dtype=torch.float32).view(-1, 1)  # (K, 1)
-    _each(lambda s, e: d[:, s:e].mul_(w), n)
     total = w.sum(0)
     total[total.abs() < 1e-8] = 1
-    out = torch.empty_like(b)
 
     def part(s: int, e: int) -> torch.Tensor | None:
-        x = d[:, s:e]
+        x = d[:, s:e].mul_(w)
         kept = None
         if consensus:
-            keep = _majority_keep(x)
-            mixed = (x * keep).sum(0)
-            divisor = (w * keep).sum(0)
-            divisor[divisor == 0] = 1
-            kept = keep.sum(1)
+            majority, mixed, divisor, kept = _elect(x, None, w)
+            mixed.mul_(majority)
+            divisor.masked_fill_(divisor == 0, 1)
         else:
-            mixed = x.sum(0)
-            divisor = total
+            mixed, divisor = x.sum(0), total
             if sparsify:
-                kept = (x != 0).sum(1)
+                kept = torch.count_nonzero(x, dim=1)
         if args.normalize:
             mixed /= divisor
         if args.scale != 1:
             mixed *= args.scale
-        torch.add(b[s:e], mixed, out=out[s:e])
+        b[s:e].add_(mixed)
         return kept
 
-    parts = [p for p in _each(part, n) if p is not None]
-    return MethodResult(out.view(base.shape), w.view(-1).tolist(), _kept_share(parts, n) or None)
+    parts = [p for p in each(part, n) if p is not None]
+    share = (torch.stack(parts).sum(0).double() / max(n, 1)).tolist() if parts else None
+    return MethodResult(base, w.view(-1).tolist(), share)
 
 
 @register("task_arithmetic")

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merge import methods
+from merge import methods, parallel
 from merge.config import METHOD_NAMES
-from merge.methods import MethodArgs, compute_threads, population_variance, topk_mask
+from merge.methods import MethodArgs
+from merge.parallel import compute_threads
+from merge.select import Scores, population_variance, radix_topk_mask, topk_mask, variance_scores
 from test_merge_fixtures import ULPS, ref_linear, ref_sce, ref_task_arithmetic, ref_ties, ref_varm
 
 
@@ -16,7 +18,7 @@ def slicing(request, monkeypatch):
     """Run each test once plainly and once on 2 threads with tiny slices (many slice boundaries)."""
     threads, chunk = request.param
     if chunk:
-        monkeypatch.setattr(methods, "CHUNK", chunk)
+        monkeypatch.setattr(parallel, "CHUNK", chunk)
     with compute_threads(threads):
         yield
 
@@ -56,6 +58,40 @@ def test_topk_mask_selects_exactly_k_largest():
     assert topk_mask(v, 0).sum() == 0 and topk_mask(v, 6).all() and topk_mask(v, 99).all()
     r = torch.rand(5000)
     assert torch.equal(topk_mask(r, 700).nonzero().view(-1), torch.topk(r, 700).indices.sort().values)
+
+
+def test_variance_scores_select_exactly_mergekits_elements(slicing):
+    g = torch.Generator().manual_seed(2)
+    for k in (2, 3, 5):
+        d = torch.randn(k, 30000, generator=g) * 1e-3
+        d[:, :500] = 0.125  # equal columns: zero variance, never counted
+        var = torch.var(d, dim=0, unbiased=False)
+        scores = variance_scores(d)
+        est = torch.cat([scores.part(s, e) for s, e in parallel.spans(scores.n)])
+        nz = var != 0
+        assert torch.equal(est != 0, nz)
+        assert float(((est[nz] - var[nz]).abs() / var[nz]).max()) <= scores.rel_err / 2
+        for top in (0.01, 0.1, 0.5):
+            count = int(torch.count_nonzero(var) * top)
+            expected = torch.zeros(var.numel(), dtype=torch.bool)
+            expected[torch.topk(var, count).indices] = True
+            assert torch.equal(topk_mask(scores, count), expected)
+
+
+def test_topk_mask_falls_back_to_exact_selection_when_estimates_mislead():
+    v = torch.rand(5000, generator=torch.Generator().manual_seed(3))
+    liar = Scores(v.numel(), lambda s, e: torch.zeros(e - s), lambda idx: v[idx])  # claims rel_err 0
+    assert torch.equal(topk_mask(liar, 321), topk_mask(v, 321))
+    assert int(topk_mask(liar, 321).sum()) == 321
+
+
+def test_radix_selection_handles_signs_and_ties():
+    v = torch.tensor([-1.0, 3.0, -0.5, 3.0, 0.0, 2.0, 3.0, -7.0])
+    assert radix_topk_mask(v, 2).tolist() == [False, True, False, True, False, False, False, False]
+    assert radix_topk_mask(v, 5).tolist() == [False, True, False, True, True, True, True, False]
+    assert radix_topk_mask(v, 7).tolist() == [True, True, True, True, True, True, True, False]
+    r = torch.randn(20000)
+    assert torch.equal(radix_topk_mask(r, 999).nonzero().view(-1), torch.topk(r, 999).indices.sort().values)
 
 
 def test_varm_matches_formula(slicing):
@@ -127,12 +163,12 @@ def test_ties_matches_formula(slicing, density):
 def test_dare_is_seeded_and_independent_of_slicing(monkeypatch):
     base, ts = _family(shape=(64, 50))
     runs = []
-    for threads, chunk in ((1, methods.CHUNK), (2, 97)):
-        monkeypatch.setattr(methods, "CHUNK", chunk)
+    for threads, chunk in ((1, parallel.CHUNK), (2, 97)):
+        monkeypatch.setattr(parallel, "CHUNK", chunk)
         with compute_threads(threads):
             runs.append(_run("dare_ties", base, ts, density=0.4, seed=7, key="w").tensor)
     # slices seed their own generators, so equal slicing is needed; equal seeds/slicing -> equal output
-    monkeypatch.setattr(methods, "CHUNK", 97)
+    monkeypatch.setattr(parallel, "CHUNK", 97)
     again = _run("dare_ties", base, ts, density=0.4, seed=7, key="w").tensor
     other = _run("dare_ties", base, ts, density=0.4, seed=8, key="w").tensor
     assert torch.equal(runs[1], again) and not torch.equal(again, other)
