@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("merge.cli", "merge models in parameter space: varm, sce, ties, dare, task arithmetic, linear"),
     "extract": ("fuse.extract_cli", "store a model's top-k next-token log-probs over a chat corpus (resumable)"),
     "eval": ("evals.cli", "evaluate chat models: MT-Bench-style judging, held-out loss, report"),
+    "align": ("fuse.align_cli", "map a source model's vocabulary onto the pivot's over a chat corpus (MinED alignment)"),
 }
 
 

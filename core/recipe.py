@@ -16,6 +16,7 @@ from world.config import WorldConfig
 from merge.config import MergeSpec
 from fuse.extract import ExtractConfig
 from fuse.config import FuseConfig
+from fuse.align_cli import AlignConfig
 from evals.config import EvalConfig
 
 
@@ -58,6 +59,7 @@ class Recipe:
     extract: ExtractConfig = field(default_factory=ExtractConfig, help="teacher extraction: top-k, batch size, max length, shards")
     eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation: MT-Bench-style judging, held-out loss, report")
     fuse: FuseConfig = field(default_factory=FuseConfig, help="pairwise fusion: targets, loss, training of each T_k")
+    align: AlignConfig = field(default_factory=AlignConfig, help="token/vocabulary alignment of each source onto the pivot")
 
     def world_path(self, ref: str) -> str:
         """Resolve `world:NAME` to the file or folder inside the world's build folder."""

@@ -1,0 +1,305 @@
+"""Token alignment of two tokenizations (pivot, source) of the same text: FuseLLM's MinED, fast.
+
+Semantics (FuseLLM / FuseChat). Tokens are compared by their normalised text (`fuse.surface`).
+An alignment is a monotone path through the n×m grid from (0, 0) to (n-1, m-1) with steps
+diagonal, down (next pivot token, same source token) or right; its cost is the sum over its
+cells of `editdistance(pivot[i], source[j])`, i.e. the recurrence
+``cost(i, j) = ed(a_i, b_j) + min(cost(i-1, j-1), cost(i-1, j), cost(i, j-1))``.
+`align_tokens` returns a path of minimum cost, as the full O(n·m) DP does, but fast:
+
+1. **Exact shared tokens.** A pivot token and a source token with the same character span, the
+   same text, and clean boundaries on both sides (no token of either side overlaps them) cost 0.
+   The path is pinned to pass through every such cell ("anchor"). Pinning whole *spans* (forcing
+   a diagonal step at every common token boundary) would lose the optimum on most real texts:
+   the DP often lets a neighbouring exact token absorb a piece of a split word
+   (`' full'` + `'_'` | `'binary'` is cheaper than `'_binary'` against both pieces).
+2. **Windows.** Between two consecutive anchors that are not diagonal neighbours lies a span
+   where the tokenizers disagree. The exact DP runs over the rectangle of each such span widened
+   by `halo` anchors on both sides (overlapping windows merge), so the optimum may also bypass
+   nearby anchors: that happens in repetitive text (`test_pinning_loses_optimum_*` keeps inputs
+   where pinning alone is suboptimal; the window is the exact-DP fallback there).
+3. Everything else is a run of anchors on the diagonal, walked in O(1) per token.
+
+Equal cost to the full DP is checked against a plain implementation on random and real texts of
+every pair of real tokenizers (tests/test_align.py). The guarantee is empirical beyond the window:
+an optimal path that bypasses more than `halo` consecutive anchors next to a disagreement could in
+principle be missed (no such input was found; `halo=None` runs the full exact DP).
+
+**Tie-break** (one rule, everywhere): among equal-cost paths, exact shared tokens are kept; inside
+a window the back-trace from the end prefers the diagonal step, then the step that repeats the
+source token (down), then the one that repeats the pivot token (right).
+
+API used by fusion (see also `align_chat`):
+    al = align_tokens(pivot_texts, source_texts, pivot_offsets, source_offsets)
+    al.sources(t)      # source indices aligned with pivot token t (sorted; empty = unaligned)
+    al.one_to_one      # (n,) source index where pivot t and that source token are paired only
+                       #      with each other, else -1
+    al.exact           # (n,) pivot t is an exact shared token (same span and text)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import editdistance
+import numpy as np
+
+_ed = editdistance.eval
+
+
+@dataclass
+class Alignment:
+    """A MinED path and the token groups reported from it.
+
+    `pairs` (K, 2) is the minimum-cost path, (pivot index, source index) in path order: its cost is
+    the FuseLLM objective. `groups` (G, 2) is what `sources`/`one_to_one` report: the path's pairs
+    whose tokens share characters; a token that the path only paired across a boundary (absorbed
+    by a neighbour: `' full'`–`'_'` in `' full' | '_binary'` vs `' full' | '_' | 'binary'`) is
+    attached instead to the tokens it overlaps. So every reported pair overlaps in characters,
+    each token's partners are contiguous and in order, and every token with characters is
+    covered. Without offsets, `groups` is the path.
+    """
+
+    n: int
+    m: int
+    pairs: np.ndarray  # (K, 2) int64, the path
+    cost: int
+    exact: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))  # (n,) anchor tokens
+    groups: np.ndarray | None = None  # (G, 2) int64 sorted by (pivot, source); None: the path
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            self.groups = self.pairs
+
+    def sources(self, t: int) -> np.ndarray:
+        """Source positions aligned with pivot token t (sorted)."""
+        lo, hi = np.searchsorted(self.groups[:, 0], [t, t + 1])
+        return self.groups[lo:hi, 1]
+
+    @property
+    def pivot_to_source(self) -> list[np.ndarray]:
+        return [self.sources(t) for t in range(self.n)]
+
+    @property
+    def one_to_one(self) -> np.ndarray:
+        """(n,) the source index grouped with pivot t when each has no other partner, else -1."""
+        out = np.full(self.n, -1, dtype=np.int64)
+        if not len(self.groups):
+            return out
+        p, s = self.groups[:, 0], self.groups[:, 1]
+        pc = np.bincount(p, minlength=self.n)
+        sc = np.bincount(s, minlength=self.m)
+        ok = (pc[p] == 1) & (sc[s] == 1)
+        out[p[ok]] = s[ok]
+        return out
+
+
+def _attach(kept: np.ndarray, side: int, own: np.ndarray, other: np.ndarray) -> list[np.ndarray]:
+    """Pairs for the tokens of `side` (0 pivot, 1 source) that `kept` leaves without a partner: the
+    tokens of the other side that overlap them, within the range that keeps the order of `kept`."""
+    size = len(other)
+    kept = kept[np.lexsort((kept[:, 1 - side], kept[:, side]))]
+    xs, ys = kept[:, side], kept[:, 1 - side]
+    pre = np.maximum.accumulate(ys) if len(ys) else ys
+    suf = np.minimum.accumulate(ys[::-1])[::-1] if len(ys) else ys
+    has = np.zeros(len(own), dtype=bool)
+    has[xs] = True
+    out = []
+    for x in np.flatnonzero(~has & (own[:, 1] > own[:, 0])).tolist():
+        i, k = np.searchsorted(xs, x, "left"), np.searchsorted(xs, x, "right")
+        lo = int(pre[i - 1]) if i > 0 else 0
+        hi = int(suf[k]) if k < len(xs) else size - 1
+        y = lo + np.flatnonzero((other[lo:hi + 1, 0] < own[x, 1]) & (other[lo:hi + 1, 1] > own[x, 0]))
+        pair = np.stack([np.full(len(y), x), y], axis=1)
+        out.append(pair if side == 0 else pair[:, ::-1])
+    return out
+
+
+def overlap_groups(pairs: np.ndarray, a_off: np.ndarray, b_off: np.ndarray) -> np.ndarray:
+    """The path's pairs that share characters, plus, for a token left without such a pair, the
+    tokens of the other side that overlap it (in path order). Sorted by (pivot, source)."""
+    p, s = pairs[:, 0], pairs[:, 1]
+    share = np.maximum(a_off[p, 0], b_off[s, 0]) < np.minimum(a_off[p, 1], b_off[s, 1])
+    kept = pairs[share]
+    kept = np.concatenate([kept, *_attach(kept, 0, a_off, b_off)]).reshape(-1, 2)
+    kept = np.concatenate([kept, *_attach(kept, 1, b_off, a_off)]).reshape(-1, 2)
+    return np.unique(kept.astype(np.int64), axis=0)
+
+
+_CACHE: dict[tuple[str, str], int] = {}
+_CACHE_MAX = 2_000_000  # pairs (~200 MB at most); cleared when full
+
+
+def ed(x: str, y: str) -> int:
+    """Levenshtein distance of two token texts: `editdistance.eval`, with shortcuts and a cache.
+
+    One `editdistance.eval` call costs about a microsecond; token pairs repeat across a corpus
+    and most tokens are a character or two, so equal strings and single characters are
+    answered in Python and the rest are remembered.
+    """
+    if x == y:
+        return 0
+    lx, ly = len(x), len(y)
+    if lx <= 1 or ly <= 1:
+        if not lx or not ly:
+            return lx or ly
+        return ly - (x in y) if lx == 1 else lx - (y in x)
+    v = _CACHE.get((x, y))
+    if v is None:
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
+        v = _CACHE[(x, y)] = _ed(x, y)
+    return v
+
+
+def _rect(a: Sequence[str], b: Sequence[str], r0: int, c0: int, r1: int, c1: int) -> tuple[int, list[tuple[int, int]]]:
+    """Exact DP over rows r0..r1 × cols c0..c1 from (r0, c0) to (r1, c1).
+
+    Returns (cost of the path's cells after the start cell, those cells in order).
+    """
+    cols = c1 - c0 + 1
+    # Edit distances per distinct (row string, column string): windows repeat tokens.
+    col_ids: dict[str, int] = {}
+    bcode = [col_ids.setdefault(x, len(col_ids)) for x in b[c0:c1 + 1]]
+    ucols = list(col_ids)
+    by_row: dict[str, list[int]] = {}
+
+    def costs(s: str) -> list[int]:
+        d = by_row.get(s)
+        if d is None:
+            d = [ed(s, y) for y in ucols]
+            d = by_row[s] = [d[k] for k in bcode]
+        return d
+
+    cost = costs(a[r0])
+    row = [0] * cols
+    acc = 0
+    for j in range(1, cols):
+        acc += cost[j]
+        row[j] = acc
+    rows = [row]
+    for i in range(r0 + 1, r1 + 1):
+        cost, prev = costs(a[i]), row
+        row = [0] * cols
+        left = row[0] = prev[0] + cost[0]
+        for j in range(1, cols):
+            best = prev[j - 1]
+            up = prev[j]
+            if up < best:
+                best = up
+            if left < best:
+                best = left
+            left = row[j] = best + cost[j]
+        rows.append(row)
+    # Back-trace, tie rule: diagonal, then down (i-1), then right (j-1).
+    i, j, path = r1 - r0, cols - 1, []
+    while i or j:
+        path.append((r0 + i, c0 + j))
+        if i and j:
+            d, u, lft = rows[i - 1][j - 1], rows[i - 1][j], rows[i][j - 1]
+            if d <= u and d <= lft:
+                i, j = i - 1, j - 1
+            elif u <= lft:
+                i -= 1
+            else:
+                j -= 1
+        elif i:
+            i -= 1
+        else:
+            j -= 1
+    path.reverse()
+    return rows[-1][-1], path
+
+
+def _cheap(a: Sequence[str], b: Sequence[str], p: tuple[int, int], theta: int) -> bool:
+    """Is anchor p within edit distance `theta` of a neighbouring token (repetitive text)?"""
+    i, j = p
+    s = a[i]
+    return ((j > 0 and ed(s, b[j - 1]) <= theta) or (j + 1 < len(b) and ed(s, b[j + 1]) <= theta)
+            or (i > 0 and ed(a[i - 1], s) <= theta) or (i + 1 < len(a) and ed(a[i + 1], s) <= theta))
+
+
+def _clean(offsets: np.ndarray) -> np.ndarray:
+    """(n,) token k has a non-empty span that no other token of the sequence overlaps."""
+    s, e = offsets[:, 0], offsets[:, 1]
+    before = np.maximum.accumulate(np.concatenate([[-1], e[:-1]]))
+    after = np.minimum.accumulate(np.concatenate([s[1:], [np.iinfo(np.int64).max]])[::-1])[::-1]
+    return (e > s) & (before <= s) & (e <= after)
+
+
+def anchors(a: Sequence[str], b: Sequence[str], a_off: np.ndarray, b_off: np.ndarray) -> np.ndarray:
+    """(K, 2) exact shared tokens: same span, same text, clean boundaries; increasing in both."""
+    if not len(a) or not len(b):
+        return np.zeros((0, 2), dtype=np.int64)
+    ia, ib = np.flatnonzero(_clean(a_off)), np.flatnonzero(_clean(b_off))
+    width = int(max(a_off[:, 1].max(), b_off[:, 1].max())) + 1
+    ka = a_off[ia, 0] * width + a_off[ia, 1]
+    kb = b_off[ib, 0] * width + b_off[ib, 1]
+    _, xa, xb = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
+    pa, pb = ia[xa], ib[xb]
+    same = np.fromiter((a[i] == b[j] for i, j in zip(pa.tolist(), pb.tolist())), dtype=bool, count=len(pa))
+    return np.stack([pa[same], pb[same]], axis=1)
+
+
+def align_tokens(a: Sequence[str], b: Sequence[str], a_off: Sequence[Sequence[int]] | np.ndarray | None = None,
+                 b_off: Sequence[Sequence[int]] | np.ndarray | None = None, *, halo: int | None = 1,
+                 theta: int = 1) -> Alignment:
+    """Minimum-edit-distance alignment of pivot texts `a` and source texts `b` (see module doc).
+
+    `a_off`/`b_off` are the tokens' [start, end) character offsets in the same text. `halo`: anchors
+    added to each window on both sides; `theta`: windows also grow over anchors within this edit
+    distance of a neighbouring token. Without offsets, or with `halo=None`, the full exact DP runs
+    (O(n·m), for checking).
+    """
+    n, m = len(a), len(b)
+    if not n or not m:
+        return Alignment(n, m, np.zeros((0, 2), dtype=np.int64), 0, np.zeros(n, dtype=bool))
+    exact = np.zeros(n, dtype=bool)
+    ao = None if a_off is None else np.asarray(a_off, dtype=np.int64).reshape(-1, 2)
+    bo = None if b_off is None else np.asarray(b_off, dtype=np.int64).reshape(-1, 2)
+    if ao is None or bo is None or halo is None:
+        pts = np.array([[0, 0], [n - 1, m - 1]], dtype=np.int64)
+    else:
+        anc = anchors(a, b, ao, bo)
+        exact[anc[:, 0]] = True
+        head = [] if len(anc) and anc[0, 0] == 0 and anc[0, 1] == 0 else [[0, 0]]
+        tail = [] if len(anc) and anc[-1, 0] == n - 1 and anc[-1, 1] == m - 1 else [[n - 1, m - 1]]
+        pts = np.concatenate([np.array(head, dtype=np.int64).reshape(-1, 2), anc, np.array(tail, dtype=np.int64).reshape(-1, 2)])
+    last = len(pts) - 1
+    step = np.diff(pts, axis=0)
+    gaps = np.flatnonzero((step[:, 0] != 1) | (step[:, 1] != 1)).tolist()  # point k → k+1 is not diagonal
+    # Windows (point index ranges): each gap widened by `halo` points, then over anchors that are
+    # cheap to step around (repetitive text); overlapping windows merge.
+    h = halo or 0
+    plist = pts.tolist()
+    windows: list[list[int]] = []
+    for k in gaps:
+        lo, hi = max(0, k - h), min(last, k + 1 + h)
+        if windows and hi <= windows[-1][1]:
+            continue  # this gap and its halo are inside the previous window already
+        floor = windows[-1][1] if windows else 0
+        while lo > floor and _cheap(a, b, plist[lo], theta):
+            lo -= 1
+        while hi < last and _cheap(a, b, plist[hi], theta):
+            hi += 1
+        if windows and lo <= windows[-1][1]:
+            windows[-1][1] = hi
+        else:
+            windows.append([lo, hi])
+    cost = ed(a[plist[0][0]], b[plist[0][1]])
+    parts = [pts[:1]]
+    k = 0
+    for lo, hi in windows:
+        parts.append(pts[k + 1:lo + 1])  # diagonal run of anchors (cost 0) up to the window
+        (r0, c0), (r1, c1) = plist[lo], plist[hi]
+        c_win, cells = _rect(a, b, r0, c0, r1, c1)
+        cost += c_win
+        parts.append(np.asarray(cells, dtype=np.int64).reshape(-1, 2))
+        k = hi
+    if k < last:  # trailing run; the end point costs 0 unless it is not an anchor
+        parts.append(pts[k + 1:])
+        cost += ed(a[n - 1], b[m - 1])
+    path = np.concatenate(parts)
+    groups = None if ao is None or bo is None else overlap_groups(path, ao, bo)
+    return Alignment(n, m, path, int(cost), exact, groups)

@@ -1,0 +1,187 @@
+"""`python cli.py align`: build the vocabulary map of a source model onto the pivot over a chat corpus.
+
+    python cli.py align --pivot P --source S --data D --out F [--limit N] [--max-length L]
+
+Loads the two tokenizers from the model folders, renders every conversation with each model's own
+chat template (`core.chat`), aligns the replies token by token (`fuse.chat_align`), counts the 1:1
+pairs (`fuse.vocab`) with a progress bar, and writes the map with its statistics and the pair's
+coverage (`fuse.coverage`) as JSON, atomically. Progress is saved every `checkpoint_every`
+conversations to `F.partial`; rerunning the same command resumes there, and a finished map whose
+fingerprint (tokenizers, templates, corpus, settings) matches is reused as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from core.config import add_arguments as add_config_arguments
+from core.config import field, from_args
+from core.errors import PivotfuseError
+
+
+@dataclass
+class AlignConfig:
+    """Options of the token/vocabulary alignment (the recipe's `align:` section)."""
+
+    max_length: int | None = field(None, help="truncate each tokenized conversation to this many tokens")
+    limit: int | None = field(None, help="use only the first N conversations of the corpus")
+    halo: int = field(1, help="exact-DP windows reach this many exact shared tokens beyond each disagreement")
+    theta: int = field(1, help="windows also grow over shared tokens within this edit distance of a neighbour")
+    checkpoint_every: int = field(500, help="save progress every N conversations (an interrupted run resumes)")
+
+    def validate(self) -> None:
+        for name in ("max_length", "limit"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name}: must be > 0, got {v}")
+        if self.halo < 0:
+            raise ValueError(f"halo: must be >= 0, got {self.halo}")
+        if self.theta < -1:
+            raise ValueError(f"theta: must be >= -1 (-1: off), got {self.theta}")
+        if self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise PivotfuseError(f"{path}: model folder not found")
+    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+        raise PivotfuseError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - any load failure is a bad model folder
+        raise PivotfuseError(f"{path}: cannot load the tokenizer ({e})") from None
+
+
+def _template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise PivotfuseError(f"{path}: chat template file not found")
+    return Path(path).read_text()
+
+
+def _digest(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _files(folder: str) -> bytes:
+    out = b""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        f = Path(folder) / name
+        out += name.encode() + (hashlib.sha256(f.read_bytes()).digest() if f.is_file() else b"-")
+    return out
+
+
+def build_map(pivot: str, source: str, data: str, out: str | Path, cfg: AlignConfig, *,
+              pivot_template: str | None = None, source_template: str | None = None, progress: bool = True):
+    """Build (or reuse, or resume) the vocabulary map of `source` onto `pivot` over `data`."""
+    from tqdm.auto import tqdm
+
+    from core.chat import load_conversations, render_chat, tokenize_chat
+    from fuse.chat_align import ChatTokens, align_chat
+    from fuse.coverage import Coverage
+    from fuse.surface import TokenText
+    from fuse.vocab import VocabMap, VocabMapBuilder, template_markers
+
+    out = Path(out)
+    p_tok, s_tok = load_tokenizer(pivot), load_tokenizer(source)
+    p_tpl, s_tpl = _template(pivot_template), _template(source_template)
+    convs = load_conversations(data, limit=cfg.limit)
+    code = b"".join((Path(__file__).parent / f).read_bytes()
+                    for f in ("align.py", "chat_align.py", "surface.py", "vocab.py", "coverage.py"))
+    fingerprint = _digest(code, _files(pivot), _files(source), p_tpl, s_tpl,
+                          [(c.id, c.messages) for c in convs], asdict(cfg) | {"checkpoint_every": None})
+    if out.is_file():
+        try:
+            old = VocabMap.load(out)
+        except PivotfuseError:
+            old = None
+        if old is not None and old.fingerprint == fingerprint:
+            return old
+    out.parent.mkdir(parents=True, exist_ok=True)
+    p_tt, s_tt = TokenText(p_tok), TokenText(s_tok)
+    builder = VocabMapBuilder(p_tt, s_tt, template_markers(p_tok, p_tpl), template_markers(s_tok, s_tpl))
+    cov = Coverage()
+    skipped = truncated = start = 0
+    partial = out.with_name(out.name + ".partial")
+    if partial.is_file():
+        try:
+            state = json.loads(partial.read_text())
+        except json.JSONDecodeError:
+            state = {}
+        if state.get("fingerprint") == fingerprint:
+            builder.restore(state["builder"])
+            cov = Coverage.from_state(state["coverage"])
+            skipped, truncated, start = state["skipped"], state["truncated"], state["done"]
+
+    def save_partial(done: int) -> None:
+        tmp = partial.with_name(partial.name + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": fingerprint, "done": done, "skipped": skipped,
+                                   "truncated": truncated, "builder": builder.state(), "coverage": cov.state()}))
+        os.replace(tmp, partial)
+
+    bar = tqdm(total=len(convs), initial=start, desc=f"align {Path(source).name} → {Path(pivot).name}",
+               unit="conv", disable=not progress)
+    for i in range(start, len(convs)):
+        conv = convs[i]
+        try:
+            p_r, s_r = render_chat(p_tok, conv.messages, p_tpl), render_chat(s_tok, conv.messages, s_tpl)
+        except PivotfuseError:
+            skipped += 1  # a template that refuses this conversation (e.g. no system role)
+        else:
+            p_t, s_t = tokenize_chat(p_tok, p_r, cfg.max_length), tokenize_chat(s_tok, s_r, cfg.max_length)
+            truncated += int(p_t.truncated or s_t.truncated)
+            al = align_chat(ChatTokens.from_tokenized(p_r, p_t), ChatTokens.from_tokenized(s_r, s_t), p_tt, s_tt,
+                            halo=cfg.halo, theta=cfg.theta)
+            builder.add(al, p_t.input_ids, s_t.input_ids)
+            cov.add(al, p_t.input_ids, s_t.input_ids)
+        bar.update(1)
+        if (i + 1) % cfg.checkpoint_every == 0 and i + 1 < len(convs):
+            save_partial(i + 1)
+    bar.close()
+    if skipped == len(convs):
+        raise PivotfuseError(f"{data}: no conversation renders with both chat templates")
+    vmap = builder.build()
+    vmap.fingerprint = fingerprint
+    vmap.stats["skipped_conversations"] = skipped
+    vmap.stats["truncated_conversations"] = truncated
+    vmap.stats["coverage"] = cov.report(vmap.mapping)
+    vmap.save(out)
+    partial.unlink(missing_ok=True)
+    return vmap
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pivot", required=True, help="pivot model folder (its tokenizer and chat template)")
+    parser.add_argument("--source", required=True, help="source model folder")
+    parser.add_argument("--data", required=True, help="chat corpus: JSONL or a saved datasets folder")
+    parser.add_argument("--out", required=True, help="output JSON file of the vocabulary map")
+    parser.add_argument("--pivot-chat-template", default=None, help="jinja file overriding the pivot's chat template")
+    parser.add_argument("--source-chat-template", default=None, help="jinja file overriding the source's chat template")
+    add_config_arguments(parser, AlignConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = from_args(AlignConfig, args)
+    vmap = build_map(args.pivot, args.source, args.data, args.out, cfg,
+                     pivot_template=args.pivot_chat_template, source_template=args.source_chat_template)
+    s, c = vmap.stats, vmap.stats["coverage"]
+    print(f"vocabulary map {args.out}: {s['source_vocab']} source ids — exact {s['exact']}, statistical "
+          f"{s['statistical']}, special {s['special']}, unmapped {s['unmapped']} "
+          f"({s['conversations']} conversations, {s['aligned_pairs']} 1:1 pairs)")
+    print(f"coverage of {c['positions']} pivot reply tokens: exact {c['exact_share']:.1%}, through the map "
+          f"{c['mapped_share']:.1%}, no source distribution {c['none_share']:.1%}")
+    return 0

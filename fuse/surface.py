@@ -1,0 +1,155 @@
+"""Token surface forms → the text each token stands for, for any Hugging Face fast tokenizer.
+
+Alignment compares token *strings*, but every tokenizer family spells them differently:
+
+* byte-level BPE (GPT-2, Llama-3, Qwen): each byte is written as a printable stand-in (`Ġ` for a
+  space, `Ċ` for a newline); the byte decoder maps them back to bytes;
+* SentencePiece (Llama-2, Gemma, Mistral): `▁` stands for a space and characters outside the
+  vocabulary fall back to byte tokens `<0x0A>`;
+* added / special tokens (`<|im_end|>`, `<end_of_turn>`) are literal text.
+
+`TokenText.bytes_of(id)` is the exact byte string a token stands for; `TokenText.text(id)` is its
+text: those bytes decoded as UTF-8, where a byte that is only part of a character (a 4-byte emoji
+split over two byte-level tokens) becomes one opaque code point (Python's `surrogateescape`), so
+two tokenizers that split a character the same way still produce equal strings and edit distance
+counts a missing byte as one edit. `in_context` removes the space a SentencePiece tokenizer
+prepends to the first word of a text (`▁Hello` at offset 0 stands for `Hello`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Sequence
+
+from core.errors import PivotfuseError
+
+_HEX = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte → printable character table (used by every byte-level BPE)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+BYTE_DECODER: dict[str, int] = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def tokenizer_kind(tokenizer: Any) -> str:
+    """'byte_level', 'sentencepiece' (▁ spaces, maybe byte fallback) or 'plain', from the decoder."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        name = getattr(tokenizer, "name_or_path", "tokenizer")
+        raise PivotfuseError(f"{name}: needs a fast tokenizer (tokenizer.json) for character offsets")
+    spec = json.dumps(json.loads(backend.to_str()).get("decoder") or {})
+    if '"ByteLevel"' in spec:
+        return "byte_level"
+    if "\\u2581" in spec or "▁" in spec or '"Metaspace"' in spec or '"ByteFallback"' in spec:
+        return "sentencepiece"
+    return "plain"
+
+
+def surface_bytes(token: str, kind: str) -> bytes:
+    """The bytes a vocabulary entry (as `convert_ids_to_tokens` spells it) stands for."""
+    if kind == "byte_level":
+        try:
+            return bytes(BYTE_DECODER[c] for c in token)
+        except KeyError:  # not a byte-level spelling (should only be added tokens)
+            return token.encode("utf-8")
+    if kind == "sentencepiece":
+        m = _HEX.match(token)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return token.replace("▁", " ").encode("utf-8")
+    return token.encode("utf-8")
+
+
+def bytes_to_text(data: bytes) -> str:
+    """UTF-8 decode; a byte that does not complete a character becomes one lone surrogate."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+class TokenText:
+    """Cached id → normalised text for one tokenizer (lazy per id, or the whole vocabulary)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.kind = tokenizer_kind(tokenizer)
+        self.name = str(getattr(tokenizer, "name_or_path", "tokenizer"))
+        self.vocab_size = len(tokenizer)
+        # Added tokens are literal text: never byte-decoded or ▁-replaced.
+        self.added = {int(i): t.content for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()}
+        self.special_ids = {int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+        self.special_ids |= {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+        self._bytes: dict[int, bytes] = {}
+        self._text: dict[int, str] = {}
+
+    def raw(self, token_id: int) -> str:
+        """The vocabulary spelling of a token ('' for an id outside the vocabulary)."""
+        if token_id in self.added:
+            return self.added[token_id]
+        tok = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        return tok if isinstance(tok, str) else ""
+
+    def bytes_of(self, token_id: int) -> bytes:
+        b = self._bytes.get(token_id)
+        if b is None:
+            tok = self.raw(token_id)
+            b = self._added_bytes(token_id) if token_id in self.added else surface_bytes(tok, self.kind)
+            self._bytes[token_id] = b
+        return b
+
+    def _added_bytes(self, token_id: int) -> bytes:
+        """Added tokens are literal, but SentencePiece ones spell spaces as ▁ (Gemma's `▁▁`)."""
+        content = self.added[token_id]
+        if self.kind == "sentencepiece" and token_id not in self.special_ids:
+            content = content.replace("▁", " ")
+        return content.encode("utf-8")
+
+    def text(self, token_id: int) -> str:
+        t = self._text.get(token_id)
+        if t is None:
+            t = self._text[token_id] = bytes_to_text(self.bytes_of(token_id))
+        return t
+
+    def texts(self, ids: Sequence[int]) -> list[str]:
+        get, text = self._text.get, self.text
+        return [get(i) or text(i) for i in map(int, ids)]
+
+    def is_byte_fallback(self, token_id: int) -> bool:
+        """True for SentencePiece `<0xNN>` tokens (a second spelling of a byte)."""
+        return self.kind == "sentencepiece" and token_id not in self.added and bool(_HEX.match(self.raw(token_id)))
+
+    def vocabulary(self) -> list[bytes]:
+        """Bytes of every id 0..vocab_size-1 (fills the cache; one pass over the vocabulary)."""
+        spelled = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
+        out = []
+        for i, tok in enumerate(spelled):
+            if i in self.added:
+                b = self._added_bytes(i)
+            else:
+                b = surface_bytes(tok if isinstance(tok, str) else "", self.kind)
+            self._bytes[i] = b
+            out.append(b)
+        return out
+
+    def in_context(self, ids: Sequence[int], offsets: Sequence[Sequence[int]], text: str) -> list[str]:
+        """Token texts, minus the space a SentencePiece tokenizer prepends to the first word.
+
+        A token whose text starts with a space that is not in the source text at its offset
+        (`▁Hello` covering `Hello`) stands for the text without it.
+        """
+        out = self.texts(ids)
+        if self.kind != "sentencepiece":
+            return out
+        for k, (s, e) in enumerate(offsets):
+            t = out[k]
+            if t[:1] == " " and e > s and s < len(text) and text[s] != " " and t[1:] == text[s:e]:
+                out[k] = t[1:]
+        return out
