@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 from core.chat import Conversation, load_conversations, render_chat, tokenize_chat
 from core.config import field
 from core.errors import PivotfuseError
-from fuse.store import StoreWriter, TeacherRecord, int_type, read_manifest
+from fuse.store import StoreWriter, TeacherRecord, int_type
 
 log = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -250,7 +251,7 @@ def _extract_shard(writer: StoreWriter, shard: int, convs: list[Conversation], m
 
 
 def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> dict:
-    """Write (or finish) the store `cfg.out`; returns its summed statistics.
+    """Write (or finish) the store `cfg.out`; returns its summed statistics (on the main process, {} elsewhere).
 
     Under several processes each scores a share of the pending shards; the main process
     validates/creates the manifest first and marks the store complete last.
@@ -294,8 +295,10 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
                 _extract_shard(writer, shard, convs, model, tok, template, cfg, bar)
                 if on_shard is not None:
                     on_shard(shard)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        writer.finalize()
-    state.wait_for_everyone()
-    return read_manifest(Path(cfg.out))["stats"]
+    if not state.is_main_process:
+        return {}
+    # The main process waits for the others' shards by polling, not with a collective barrier: a
+    # barrier would time out (NCCL/gloo default 10–30 min) while a slower process is still scoring.
+    while writer.pending():
+        time.sleep(1.0)
+    return writer.finalize()

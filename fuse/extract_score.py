@@ -78,7 +78,8 @@ def _hidden_path_ok(model: Any, ids: torch.Tensor, attn: torch.Tensor, hidden: t
                             logits_to_keep=pos).logits[0]
             else:
                 ref = model(input_ids=ids[:1, :prefix], attention_mask=attn[:1, :prefix], use_cache=False).logits[0, pos]
-            fast, ref = _head_logits(model, hidden[0, pos.to(hidden.device)]).float(), ref.float().to(hidden.device)
+            fast = _head_logits(model, hidden[0, pos.to(hidden.device)]).float()
+            ref = ref.float().to(fast.device)
             rtol = 1e-4 if hidden.dtype == torch.float32 else 2e-2
             tol = rtol * (1 + float(ref.nan_to_num().abs().max()))
             ok = bool(torch.isclose(fast, ref, rtol=0, atol=tol, equal_nan=True).all())
