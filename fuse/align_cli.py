@@ -48,14 +48,19 @@ class AlignConfig:
             raise ValueError(f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
 
 
-def load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
+def _check_folder(path: str) -> None:
     folder = Path(path)
     if not folder.is_dir():
         raise PivotfuseError(f"{path}: model folder not found")
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
         raise PivotfuseError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    _check_folder(path)
+    folder = Path(path)
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:  # noqa: BLE001 - any load failure is a bad model folder
@@ -97,7 +102,8 @@ def build_map(pivot: str, source: str, data: str, out: str | Path, cfg: AlignCon
     from fuse.vocab import VocabMap, VocabMapBuilder, template_markers
 
     out = Path(out)
-    p_tok, s_tok = load_tokenizer(pivot), load_tokenizer(source)
+    for folder in (pivot, source):
+        _check_folder(folder)
     p_tpl, s_tpl = _template(pivot_template), _template(source_template)
     convs = load_conversations(data, limit=cfg.limit)
     code = b"".join((Path(__file__).parent / f).read_bytes()
@@ -112,6 +118,7 @@ def build_map(pivot: str, source: str, data: str, out: str | Path, cfg: AlignCon
         if old is not None and old.fingerprint == fingerprint:
             return old
     out.parent.mkdir(parents=True, exist_ok=True)
+    p_tok, s_tok = load_tokenizer(pivot), load_tokenizer(source)
     p_tt, s_tt = TokenText(p_tok), TokenText(s_tok)
     builder = VocabMapBuilder(p_tt, s_tt, template_markers(p_tok, p_tpl), template_markers(s_tok, s_tpl))
     cov = Coverage()

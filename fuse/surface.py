@@ -89,11 +89,16 @@ class TokenText:
         self.special_ids |= {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
         self._bytes: dict[int, bytes] = {}
         self._text: dict[int, str] = {}
+        self._spelled: list | None = None  # convert_ids_to_tokens of the whole vocabulary, once asked
+        self._vocab: list[bytes] | None = None
 
     def raw(self, token_id: int) -> str:
         """The vocabulary spelling of a token ('' for an id outside the vocabulary)."""
         if token_id in self.added:
             return self.added[token_id]
+        if self._spelled is not None and 0 <= token_id < len(self._spelled):
+            tok = self._spelled[token_id]
+            return tok if isinstance(tok, str) else ""
         tok = self.tokenizer.convert_ids_to_tokens(int(token_id))
         return tok if isinstance(tok, str) else ""
 
@@ -128,7 +133,9 @@ class TokenText:
 
     def vocabulary(self) -> list[bytes]:
         """Bytes of every id 0..vocab_size-1 (fills the cache; one pass over the vocabulary)."""
-        spelled = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
+        if self._vocab is not None:
+            return self._vocab
+        spelled = self._spelled = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
         out = []
         for i, tok in enumerate(spelled):
             if i in self.added:
@@ -137,6 +144,7 @@ class TokenText:
                 b = surface_bytes(tok if isinstance(tok, str) else "", self.kind)
             self._bytes[i] = b
             out.append(b)
+        self._vocab = out
         return out
 
     def in_context(self, ids: Sequence[int], offsets: Sequence[Sequence[int]], text: str) -> list[str]:

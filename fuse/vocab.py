@@ -116,6 +116,7 @@ def template_markers(tokenizer: Any, chat_template: str | None = None) -> dict[s
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     special = set(getattr(tokenizer, "all_special_ids", [])) | {
         int(i) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if t.special}
+    special.discard(out["unk"])  # an unknown character in the template is not a marker
     start, end = rendered.assistant_spans[0] if rendered.assistant_spans else (len(rendered.text), len(rendered.text))
     content_end = start + 1  # the reply is "A"
     q = rendered.text.find("Q")

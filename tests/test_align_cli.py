@@ -1,0 +1,174 @@
+"""`python cli.py align`: end to end on real tokenizers, reuse, resume after an interruption, bad
+inputs; the demo world's tokenizers (slow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cli
+from fuse.vocab import VocabMap
+
+CHATS = [
+    {"id": "1", "messages": [{"role": "user", "content": "What is 1234 + 5678?"},
+                             {"role": "assistant", "content": "1234 + 5678 = 6912. Café ☕, naïve 😀."}]},
+    {"id": "2", "messages": [{"role": "system", "content": "Be brief."},
+                             {"role": "user", "content": "Write a loop."},
+                             {"role": "assistant", "content": "for i in range(10):\n    print(i ** 2)\n"},
+                             {"role": "user", "content": "日本語で?"},
+                             {"role": "assistant", "content": "はい、日本語です。"}]},
+    {"id": "3", "messages": [{"role": "user", "content": "List three colours."},
+                             {"role": "assistant", "content": "1. red\n2. green\n3. blue"}]},
+]
+
+
+def write_chats(path: Path, n: int = 12) -> Path:
+    with path.open("w") as fh:
+        for k in range(n):
+            row = dict(CHATS[k % len(CHATS)], id=str(k))
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def run_align(*args: str) -> int:
+    return cli.main(["align", *args])
+
+
+@pytest.fixture
+def llama2_pair(tokenizer_dirs, tmp_path) -> list[str]:
+    """Llama-2 (32k, quick to load) against itself under two chat templates: ChatML and [INST]."""
+    from test_align_vocab import CHATML, INST
+
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    (tmp_path / "inst.jinja").write_text(INST)
+    llama2 = str(tokenizer_dirs["llama2"])
+    return ["--pivot", llama2, "--source", llama2, "--pivot-chat-template", str(tmp_path / "chatml.jinja"),
+            "--source-chat-template", str(tmp_path / "inst.jinja")]
+
+
+def test_align_cli_real_tokenizers(tokenizer_dirs, tmp_path, capsys):
+    data = write_chats(tmp_path / "chats.jsonl")
+    out = tmp_path / "qwen3_on_llama3.json"
+    rc = run_align("--pivot", str(tokenizer_dirs["llama3"]), "--source", str(tokenizer_dirs["qwen3"]),
+                   "--data", str(data), "--out", str(out))
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "coverage of" in printed and "exact" in printed
+    vmap = VocabMap.load(out)
+    from align_helpers import token_texts
+
+    p = token_texts(str(tokenizer_dirs["llama3"])).tokenizer
+    s = token_texts(str(tokenizer_dirs["qwen3"])).tokenizer
+    # both byte-level with the same text spellings for most tokens; specials mapped by their role
+    assert vmap.stats["exact"] > 100_000
+    assert vmap.to_pivot(s.convert_tokens_to_ids("<|im_end|>")) == p.convert_tokens_to_ids("<|eot_id|>")
+    assert vmap.to_pivot(s.convert_tokens_to_ids("Hello")) == p.convert_tokens_to_ids("Hello")
+    cov = vmap.stats["coverage"]
+    assert cov["exact"] + cov["mapped"] + cov["none"] == cov["positions"] > 0
+    assert cov["exact_share"] > 0.6  # alike but for digit groups (Llama-3: 3 digits a token, Qwen3: 1)
+    assert cov["mapped"] >= 16  # at least every end-of-turn token (<|im_end|> → <|eot_id|>)
+    assert vmap.stats["conversations"] == 12 and vmap.stats["skipped_conversations"] == 0
+    # a second run with the same inputs reuses the map
+    mtime = out.stat().st_mtime_ns
+    assert run_align("--pivot", str(tokenizer_dirs["llama3"]), "--source", str(tokenizer_dirs["qwen3"]),
+                     "--data", str(data), "--out", str(out)) == 0
+    assert out.stat().st_mtime_ns == mtime
+
+
+def test_align_cli_resumes_after_interruption(llama2_pair, tmp_path, monkeypatch):
+    data = write_chats(tmp_path / "chats.jsonl", n=9)
+    args = [*llama2_pair, "--data", str(data), "--checkpoint-every", "2"]
+    assert run_align(*args, "--out", str(tmp_path / "fresh.json")) == 0
+    import fuse.chat_align as chat_align
+
+    real = chat_align.align_chat
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(chat_align, "align_chat", flaky)
+    out = tmp_path / "resumed.json"
+    assert run_align(*args, "--out", str(out)) == 130  # interrupted after 5 conversations
+    partial = json.loads((tmp_path / "resumed.json.partial").read_text())
+    assert partial["done"] == 4 and not out.exists()
+    monkeypatch.setattr(chat_align, "align_chat", real)
+    calls["n"] = 0
+    assert run_align(*args, "--out", str(out)) == 0
+    fresh, resumed = VocabMap.load(tmp_path / "fresh.json"), VocabMap.load(out)
+    assert resumed.mapping.tolist() == fresh.mapping.tolist()
+    assert resumed.stats == fresh.stats and not (tmp_path / "resumed.json.partial").exists()
+
+
+def test_align_cli_bad_inputs(tokenizer_dirs, tmp_path, capsys):
+    data = write_chats(tmp_path / "chats.jsonl", n=2)
+    llama3 = str(tokenizer_dirs["llama2"])  # any tokenizer folder: these runs stop before aligning
+    cases = [
+        (["--pivot", str(tmp_path / "nope"), "--source", llama3, "--data", str(data)], "nope: model folder not found"),
+        (["--pivot", llama3, "--source", llama3, "--data", str(tmp_path / "none.jsonl")], "data file not found"),
+        (["--pivot", llama3, "--source", llama3, "--data", str(data), "--halo", "-1"], "'halo: must be >= 0"),
+        (["--pivot", llama3, "--source", llama3, "--data", str(data), "--source-chat-template", "x.jinja"],
+         "x.jinja: chat template file not found"),
+    ]
+    for args, message in cases:
+        assert run_align(*args, "--out", str(tmp_path / "m.json")) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err
+    (tmp_path / "bad.jsonl").write_text('{"messages": [{"role": "robot", "content": "x"}]}\n')
+    assert run_align("--pivot", llama3, "--source", llama3, "--data", str(tmp_path / "bad.jsonl"),
+                     "--out", str(tmp_path / "m.json")) == 2
+    assert "bad.jsonl:1" in capsys.readouterr().err
+    no_template = tmp_path / "no_template"
+    shutil.copytree(tokenizer_dirs["llama2"], no_template)  # Llama-2 ships no chat template
+    assert run_align("--pivot", str(tokenizer_dirs["llama3"]), "--source", str(no_template), "--data", str(data),
+                     "--out", str(tmp_path / "m.json")) == 2
+    assert "no conversation renders" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_world_tokenizers(world, tmp_path):
+    """The demo world's pivot and its three sources: equal cost to the full DP on real replies,
+    the identity map of the pivot onto itself, and the exact share the map reports."""
+    from align_helpers import token_texts
+    from core.chat import load_conversations, render_chat, tokenize_chat
+    from fuse.align import align_tokens
+    from fuse.align_cli import AlignConfig, build_map
+    from fuse.chat_align import ChatTokens, _content_end
+    from fuse.vocab import VocabMapBuilder
+    from test_align import naive_cost
+
+    models = world / "models"
+    convs = load_conversations(world / "data" / "fusion.jsonl", limit=6)
+    pivot = token_texts(str(models / "pivot"))
+    ident = VocabMapBuilder(pivot, pivot).build()
+    assert (ident.mapping == np.arange(pivot.vocab_size)).mean() > 0.99
+    for name in ("arith", "facts", "strings"):
+        source = token_texts(str(models / name))
+        for conv in convs:
+            views = []
+            for tt in (pivot, source):
+                r = render_chat(tt.tokenizer, conv.messages)
+                views.append(ChatTokens.from_tokenized(r, tokenize_chat(tt.tokenizer, r)))
+            for (ps, pe), (ss, se) in zip(views[0].assistant_spans, views[1].assistant_spans):
+                texts = []
+                for view, tt, (s0, e0) in ((views[0], pivot, (ps, pe)), (views[1], source, (ss, se))):
+                    end = _content_end(view.text, s0, e0, tt.tokenizer.eos_token)
+                    reply = view.text[s0:end]
+                    enc = tt.tokenizer(reply, add_special_tokens=False, return_offsets_mapping=True)
+                    texts.append((tt.in_context(enc["input_ids"], enc["offset_mapping"], reply), enc["offset_mapping"]))
+                (a, a_off), (b, b_off) = texts
+                assert align_tokens(a, b, a_off, b_off).cost == naive_cost(a, b)
+        vmap = build_map(str(models / "pivot"), str(models / name), str(world / "data" / "fusion.jsonl"),
+                         tmp_path / f"{name}.json", AlignConfig(limit=40), progress=False)
+        s = vmap.stats
+        assert s["exact"] + s["statistical"] + s["special"] + s["unmapped"] == s["source_vocab"]
+        assert s["exact_share"] == pytest.approx(vmap.how.count("x") / len(vmap.how))
+        cov = s["coverage"]
+        assert cov["exact_share"] + cov["mapped_share"] + cov["none_share"] == pytest.approx(1)
