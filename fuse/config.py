@@ -22,9 +22,12 @@ class FuseConfig:
                         help="fusion: mince (per sequence, the lower-CE teacher wins), avgce (mixture weighted by "
                              "softmax of −CE per character), mince_token (lower-CE teacher per token)")
     lam: float = field(0.9, help="λ: weight of CE(gold); the fused-distribution term gets 1−λ (1.0 = pivot-CLM)")
+    translate: str = field("span", choices=("span", "vocab"),
+                           help="source → pivot distributions: span (follow the source along the gold text and project "
+                                "onto pivot tokens) or vocab (FuseChat: map each top-k id through the vocabulary map)")
     temperature: float = field(1.0, help="teacher temperature T: targets are softmax(top-k log-probs / T)")
     top_k: int = field(10, help="top-k entries kept per fused target (at most the stores' k)")
-    fallback: str = field("pivot", choices=FALLBACKS,
+    fallback: str = field("gold", choices=FALLBACKS,
                           help="target where the source has no aligned distribution: the pivot's own, or one-hot gold")
     lr: float = field(5e-6, help="peak learning rate")
     lr_scheduler: str = field("cosine", help="transformers scheduler name (cosine, linear, constant_with_warmup, ...)")

@@ -37,8 +37,7 @@ def reply_keys(text: str, spans: np.ndarray, assistant_spans: np.ndarray, eos: s
     spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
     a_spans = np.asarray(assistant_spans, dtype=np.int64).reshape(-1, 2)
     content = content_ranges(text, a_spans.tolist(), eos)
-    # reply of a token: the first assistant span that ends after the token starts
-    reply = np.searchsorted(a_spans[:, 1], spans[:, 0], side="right") if len(a_spans) else np.zeros(len(spans), int)
+    reply = token_replies(spans, a_spans) if len(a_spans) else np.zeros(len(spans), int)
     keys: list[tuple[int, int] | None] = []
     for t, (s, e) in enumerate(spans.tolist()):
         r = int(reply[t])
@@ -55,6 +54,12 @@ def reply_keys(text: str, spans: np.ndarray, assistant_spans: np.ndarray, eos: s
         else:
             keys.append(None)
     return keys
+
+
+def token_replies(spans: np.ndarray, assistant_spans: np.ndarray) -> np.ndarray:
+    """(n,) index of the assistant reply each token belongs to (the first span ending after its start)."""
+    ends = np.asarray(assistant_spans, dtype=np.int64).reshape(-1, 2)[:, 1]
+    return np.searchsorted(ends, np.asarray(spans, dtype=np.int64).reshape(-1, 2)[:, 0], side="right")
 
 
 def pair_positions(pivot_keys: list, source_keys: list) -> np.ndarray:

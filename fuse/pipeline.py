@@ -1,0 +1,216 @@
+"""Pairwise fusion, end to end: extract → align → fuse → train → target folder T_k.
+
+    fuse_source(recipe, "arith")   # → OUT/targets/arith  (a copy of the pivot fused with source arith)
+    fuse_source(recipe, None)      # → OUT/targets/pivot-clm (λ = 1: the pivot trained on the same
+                                   #   fusion data for the same steps, without the fusion term)
+
+Layout under the recipe's `out`: `extract/NAME` (logit stores, shared with `pivotfuse extract`),
+`align/SOURCE` (vocabulary map), `fuse/TARGET` (training rows, checkpoints: the resumable work) and
+`targets/TARGET` (the result: HF folder + recipe.yaml, train_log.jsonl, fusion_report.json,
+README.md). A target whose report carries the same fingerprint is reused as is; an interrupted
+run resumes (stores by shard, training from the last checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from core.config import to_dict
+from core.errors import PivotfuseError
+from core.recipe import ModelSpec, Recipe
+from fuse.config import FuseConfig
+
+CLM = "pivot-clm"
+ROWS_VERSION = 2  # bump when the training rows change meaning
+
+
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _store(recipe: Recipe, spec: ModelSpec, data: str):
+    """Extract (or reuse, or resume) the logit store of one model over the fusion corpus."""
+    from fuse.extract import extract
+    from fuse.store import LogitStore
+
+    cfg = dataclasses.replace(recipe.extract, model=recipe.world_path(spec.path), data=data,
+                              out=str(Path(recipe.out) / "extract" / spec.name),
+                              chat_template=spec.chat_template or recipe.extract.chat_template)
+    extract(cfg)  # collective under accelerate; a complete store with the same fingerprint is kept
+    return LogitStore(cfg.out)
+
+
+def _vocab_map(recipe: Recipe, pivot: ModelSpec, source: ModelSpec, data: str):
+    """Source id → pivot id (−1 = unmapped), built over the fusion corpus by `fuse.vocab`."""
+    from fuse.vocab import vocab_map_for
+
+    return vocab_map_for(recipe.world_path(pivot.path), recipe.world_path(source.path), data,
+                         Path(recipe.out) / "align" / source.name,
+                         pivot_template=pivot.chat_template, source_template=source.chat_template)
+
+
+def _rows(work: Path, fingerprint: str, build) -> Any:
+    """The training rows, cached in `work/rows` under their fingerprint (built by the main process)."""
+    import datasets
+
+    folder = work / "rows"
+    meta = folder / "pivotfuse_rows.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
+        return datasets.load_from_disk(str(folder)), json.loads(meta.read_text())["stats"]
+    ds, stats = build()
+    tmp = work / "rows.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    (tmp / "pivotfuse_rows.json").write_text(json.dumps({"fingerprint": fingerprint, "stats": stats}, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return datasets.load_from_disk(str(folder)), stats
+
+
+def _build_rows(pivot_store, source_store, pivot_path: str, source_path: str | None, vocab_map, cfg: FuseConfig,
+                eos: tuple):
+    import datasets
+    from tqdm.auto import tqdm
+
+    from fuse.extract import load_tokenizer
+    from fuse.project import PivotProjector
+    from fuse.surface import TokenText
+    from fuse.targets import FusionStats, SpanTranslator, fusion_rows, store_lookup
+
+    tok = load_tokenizer(pivot_path)
+    stats = FusionStats()
+    features = datasets.Features({
+        "id": datasets.Value("string"), "domain": datasets.Value("string"),
+        "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
+        "target_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+        "target_logprobs": datasets.Sequence(datasets.Sequence(datasets.Value("float16")))})
+    chunks, chunk = [], []
+    lookup = store_lookup(source_store) if source_store is not None else None
+    span = None
+    if source_store is not None and cfg.translate == "span":
+        span = SpanTranslator(PivotProjector(tok), TokenText(load_tokenizer(source_path)), eos)
+    rows = fusion_rows(pivot_store, lookup, tok, vocab_map, cfg.method, cfg.top_k, cfg.fallback, eos, stats, span)
+    for row in tqdm(rows, total=len(pivot_store), desc="fuse targets", unit="conv"):
+        chunk.append(row)
+        if len(chunk) == 1024:  # bounded memory: a chunk of rows at a time
+            chunks.append(datasets.Dataset.from_list(chunk, features=features))
+            chunk = []
+    if chunk or not chunks:
+        chunks.append(datasets.Dataset.from_list(chunk, features=features))
+    return datasets.concatenate_datasets(chunks), stats.as_dict()
+
+
+def _reset_work(work: Path, fingerprint: str, is_main: bool) -> None:
+    """Checkpoints and the before-training loss belong to one fingerprint: other settings start over."""
+    stamp = work / "fingerprint.json"
+    if is_main:
+        work.mkdir(parents=True, exist_ok=True)
+        if not stamp.is_file() or json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+            shutil.rmtree(work / "checkpoints", ignore_errors=True)
+            (work / "loss_before.json").unlink(missing_ok=True)
+            stamp.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+
+
+def _eos(path: str) -> str | None:
+    from fuse.extract import load_tokenizer
+
+    return load_tokenizer(path).eos_token
+
+
+def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int = 256) -> Path:
+    """Train and save target T_k for `source_name` (None: the pivot-CLM baseline with λ = 1).
+
+    Returns the target folder. Works under `accelerate launch` (every process calls it).
+    """
+    import torch
+    from accelerate import PartialState
+
+    from fuse.trainer import train_target
+
+    state = PartialState(cpu=torch.accelerator.current_accelerator() is None)
+    cfg = recipe.fuse
+    specs = {s.name: s for s in recipe.models.sources}
+    if source_name is not None and source_name not in specs:
+        raise PivotfuseError(f"source {source_name!r} is not in the recipe's models.sources "
+                             f"({', '.join(specs) or 'none'})")
+    source = specs.get(source_name) if source_name else None
+    if source is None:
+        cfg = dataclasses.replace(cfg, lam=1.0)  # pivot-CLM: the same path without the fusion term
+    name = source.name if source else CLM
+    out, work = Path(recipe.out), Path(recipe.out) / "fuse" / name
+    target = out / "targets" / name
+    pivot = recipe.models.pivot
+    pivot_path = recipe.world_path(pivot.path)
+    data = recipe.world_path(recipe.data.fusion)
+
+    p_store = _store(recipe, pivot, data)
+    s_store = _store(recipe, source, data) if source and cfg.lam < 1.0 else None
+    vmap, vmap_info = (None, {})
+    if s_store is not None:
+        with state.main_process_first():  # the main process builds the map, the others read it
+            vmap, vmap_info = _vocab_map(recipe, pivot, source, data)
+    settings = {k: getattr(cfg, k) for k in ("method", "top_k", "fallback", "translate")}
+    rows_fp = _sha({"version": ROWS_VERSION, "pivot": p_store.manifest["fingerprint"],
+                    "source": s_store.manifest["fingerprint"] if s_store else None,
+                    "vocab": vmap_info.get("fingerprint"), **settings})
+    fingerprint = _sha({"rows": rows_fp, "fuse": to_dict(cfg), "samples": report_samples})
+    report_file = target / "fusion_report.json"
+    if report_file.is_file() and json.loads(report_file.read_text()).get("fingerprint") == fingerprint:
+        return target  # already trained with these inputs and settings
+    with state.main_process_first():
+        _reset_work(work, fingerprint, state.is_main_process)
+    eos = (_eos(pivot_path), _eos(recipe.world_path(source.path)) if s_store is not None else None)
+    source_path = recipe.world_path(source.path) if source else None
+    with state.main_process_first():
+        ds, fuse_stats = _rows(work, rows_fp,
+                               lambda: _build_rows(p_store, s_store, pivot_path, source_path, vmap, cfg, eos))
+    train = ds.remove_columns(["id", "domain"])
+    sample = train.select(range(min(report_samples, len(train))))
+
+    def write_extra(folder: Path, result: dict) -> None:
+        report = {"fingerprint": fingerprint, "target": name, "pivot": pivot.name,
+                  "source": source.name if source else None, "lambda": cfg.lam, "method": cfg.method,
+                  "temperature": cfg.temperature, "top_k": cfg.top_k, "fallback": cfg.fallback,
+                  "fusion": fuse_stats, "vocab_map": {k: v for k, v in vmap_info.items() if k != "fingerprint"},
+                  "loss_before": result["loss_before"], "loss_after": result["loss_after"],
+                  "steps": result["steps"], "report_samples": len(sample)}
+        (folder / "fusion_report.json").write_text(json.dumps(report, indent=1) + "\n")
+        with (folder / "train_log.jsonl").open("w") as fh:
+            for entry in result["log_history"]:
+                fh.write(json.dumps(entry) + "\n")
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        (folder / "README.md").write_text(model_card(report))
+
+    train_target(cfg, pivot_path, train, str(target), str(work), eval_dataset=sample, write_extra=write_extra)
+    return target
+
+
+def model_card(report: dict) -> str:
+    """A short README.md for a target folder."""
+    f, b, a = report["fusion"], report["loss_before"], report["loss_after"]
+    src = report["source"] or "none (pivot-CLM baseline)"
+    lines = [f"# {report['target']}: pivot `{report['pivot']}` fused with source `{src}`", "",
+             f"pivotfuse pairwise fusion (FuseChat phase 1): loss = λ·CE(gold) + (1−λ)·CE(fused ‖ student), "
+             f"λ = {report['lambda']}, method `{report['method']}`, top-{report['top_k']}, T = {report['temperature']}, "
+             f"fallback `{report['fallback']}`; {report['steps']} optimizer steps.", "",
+             "| | before | after |", "|---|---|---|",
+             f"| fusion loss | {b.get('loss', float('nan')):.4f} | {a.get('loss', float('nan')):.4f} |",
+             f"| CE(gold) | {b.get('ce_gold', float('nan')):.4f} | {a.get('ce_gold', float('nan')):.4f} |",
+             f"| CE(fused target) | {b.get('ce_fused', float('nan')):.4f} | {a.get('ce_fused', float('nan')):.4f} |",
+             "", f"(mean over {report['report_samples']} fusion-corpus conversations, nats per token)", ""]
+    if report["source"]:
+        lines += [f"Alignment coverage: {f['coverage']:.1%} of {f['positions']} pivot positions paired with a source "
+                  f"distribution ({f['same_text_share']:.1%} with the same token text); "
+                  f"{f['from_source_share']:.1%} of the targets came from the source; "
+                  f"{f['fallback']} positions fell back to `{report['fallback']}`.", "",
+                  f"Winners per conversation: {f['winners']}; mean CE per character: pivot "
+                  f"{f['mean_pivot_ce_per_char']:.4f}, source {f['mean_source_ce_per_char']:.4f}.", ""]
+    lines += ["Files: `fusion_report.json` (all numbers), `train_log.jsonl`, `recipe.yaml` (the recipe that made it)."]
+    return "\n".join(lines) + "\n"
