@@ -18,8 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("fuse.extract_cli", "store a model's top-k next-token log-probs over a chat corpus (resumable)"),
     "eval": ("evals.cli", "evaluate chat models: MT-Bench-style judging, held-out loss, report"),
     "align": ("fuse.align_cli", "map a source model's vocabulary onto the pivot's over a chat corpus (MinED alignment)"),
-}
     "fuse": ("fuse.cli", "train target T_k: the pivot fused with one source (extract, align, MinCE targets, train)"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
