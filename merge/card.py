@@ -48,11 +48,13 @@ def _plot(path: Path, layers: dict[str, list[float]], names: list[str], title: s
 
     matplotlib.use("Agg")  # headless: never needs a display
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=110)
     xs = [x for x, _ in numbered]
     for i, name in enumerate(names):
         ax.plot(xs, [w[i] for _, w in numbered], marker="o", label=name)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("mean merge weight")
     ax.set_title(title)

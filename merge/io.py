@@ -281,10 +281,13 @@ class ShardedWriter:
             done += os.pwrite(self._fds[shard], data[done:done + _MAX_IO], offset + done)
 
     def close(self) -> None:
-        """Close the shards and write the index (only when there are several shards)."""
+        """Close the shard files (idempotent)."""
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+    def write_index(self) -> None:
+        """Write model.safetensors.index.json (only when there are several shards)."""
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")

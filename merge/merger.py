@@ -44,7 +44,8 @@ class _Item:
     sources: list[str]  # the tensor's name in each model (differs for a tied head)
     out_dtype: torch.dtype
     merge: bool  # float tensors are merged; integer buffers are copied from the base
-    nbytes: int  # working set: fp32 base + K models + output
+    buf_dtype: torch.dtype  # inputs are held as stored when all share one float dtype, else float32
+    nbytes: int  # working set: base + K models (+ output when its dtype differs) + a mask
 
 
 class _Budget:
@@ -92,9 +93,12 @@ def plan_merge(base: SafetensorsReader, models: list[SafetensorsReader], dtype: 
             sources.append(src)
         merge = info.dtype.is_floating_point
         out_dtype = _DTYPES[dtype] if (dtype and merge) else info.dtype
-        n = info.numel
-        items.append(_Item(name, info.shape, sources, out_dtype, merge,
-                           (k + 2) * n * 4 if merge else 2 * info.nbytes))
+        same = all(r.infos[src].dtype == info.dtype for r, src in zip(models, sources))
+        buf_dtype = info.dtype if (merge and same) else torch.float32
+        n, size = info.numel, buf_dtype.itemsize
+        nbytes = (k + 1) * n * size + (n * out_dtype.itemsize if out_dtype != buf_dtype else 0) + n
+        items.append(_Item(name, info.shape, sources, out_dtype, merge, buf_dtype,
+                           nbytes if merge else 2 * info.nbytes))
     for r in models:
         for name in r.infos:
             if name not in base.infos:
@@ -175,18 +179,13 @@ def merge_models(base: str, models: list[str], config: MergeConfig, out: str, ov
             r.close()
 
 
-def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: list[_Item], config: MergeConfig,
-         weights: list[float], out_p: Path, progress: bool, threads: int | None, buffer_bytes: int | None,
-         t_start: float) -> dict:
-    k = len(readers)
-    fn = methods.METHODS[config.method]
-    tmp = out_p.parent / f".{out_p.name}.partial"
-    fp = _fingerprint(base_r, readers, config)
+def _open_partial(tmp: Path, fingerprint: str) -> dict[str, dict]:
+    """Reuse `tmp` when it holds an interrupted merge with the same fingerprint (returning the
+    records of the tensors it wrote), else start it afresh."""
     state, log = tmp / _STATE, tmp / _LOG
     done: dict[str, dict] = {}
-    resume = tmp.is_dir() and state.is_file() and json.loads(state.read_text()).get("fingerprint") == fp
-    if resume and log.is_file():
-        for line in log.read_text().splitlines():
+    if tmp.is_dir() and state.is_file() and json.loads(state.read_text()).get("fingerprint") == fingerprint:
+        for line in (log.read_text().splitlines() if log.is_file() else []):
             try:
                 rec = json.loads(line)
                 done[rec["name"]] = rec
@@ -195,19 +194,36 @@ def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: lis
     elif tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"fingerprint": fp}))
-    plan = [(it.name, it.out_dtype, it.shape) for it in items]
-    writer = ShardedWriter(tmp, plan, parse_size(config.shard_size),
-                           {"pivotfuse_merge": config.method}, resume=resume)
-    todo = [it for it in items if it.name not in done]
-    limit = buffer_bytes or max([256 << 20] + [it.nbytes for it in items])
+    state.write_text(json.dumps({"fingerprint": fingerprint}))
+    return done
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the complete `tmp` folder to `out` (swapping out an existing one for --overwrite)."""
+    (tmp / _STATE).unlink()
+    (tmp / _LOG).unlink()
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def _stream(base_r: SafetensorsReader, readers: list[SafetensorsReader], todo: list[_Item], fn, args,
+            writer: ShardedWriter, log: Path, done: dict[str, dict], limit: int, bar) -> dict[str, float]:
+    """Read → merge → write every item of `todo`: reading and writing on their own threads, the
+    merge on this one; returns the seconds each stage was busy. Written tensors are logged in
+    `log` (and `done`) as they land, so an interrupted stream can resume."""
+    k = len(readers)
     budget, stop = _Budget(limit), threading.Event()
     q_in: queue.Queue = queue.Queue()
     q_out: queue.Queue = queue.Queue()
     errors: list[BaseException] = []
     secs = {"read": 0.0, "compute": 0.0, "write": 0.0}
-    bar = tqdm(total=len(items), initial=len(done), unit="tensor", desc=f"merge {config.method}",
-               disable=not progress)
 
     def read_loop() -> None:
         try:
@@ -216,9 +232,9 @@ def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: lis
                     break
                 t0 = time.perf_counter()
                 if it.merge:
-                    b = base_r.read_into(it.name, torch.empty(it.shape, dtype=torch.float32))
+                    b = base_r.read_into(it.name, torch.empty(it.shape, dtype=it.buf_dtype))
                     _check_finite(b, base_r.label, it.name)
-                    buf = torch.empty((k, *it.shape), dtype=torch.float32)
+                    buf = torch.empty((k, *it.shape), dtype=it.buf_dtype)
                     for i, (r, src) in enumerate(zip(readers, it.sources)):
                         _check_finite(r.read_into(src, buf[i]), r.label, it.name)
                     q_in.put((it, b, buf))
@@ -238,7 +254,7 @@ def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: lis
                 writer.write(it.name, tensor)
                 del msg, tensor  # freed before the budget lets the reader fetch more
                 fh.write(json.dumps(rec) + "\n")
-                fh.flush()  # only logged once written: a resumed run trusts these names
+                fh.flush()  # logged only once written: a resumed run trusts these names
                 done[it.name] = rec
                 secs["write"] += time.perf_counter() - t0
                 budget.release(it.nbytes)
@@ -247,11 +263,7 @@ def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: lis
             errors.append(e)
             stop.set()
 
-    args = methods.MethodArgs(weights=tuple(weights), select_topk=config.select_topk, sce_mask=config.sce_mask,
-                              density=config.density, normalize=config.resolved_normalize(),
-                              rescale=config.rescale, scale=config.scale, seed=config.seed)
-    n_threads = threads or torch.get_num_threads()
-    with log.open("a") as fh, compute_threads(n_threads):
+    with log.open("a") as fh:
         rt = threading.Thread(target=read_loop, name="merge-read", daemon=True)
         wt = threading.Thread(target=write_loop, args=(fh,), name="merge-write", daemon=True)
         rt.start()
@@ -266,9 +278,11 @@ def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: lis
                 t0 = time.perf_counter()
                 rec: dict = {"name": it.name}
                 if it.merge:
-                    res = fn(b, buf, dataclasses.replace(args, key=it.name))
-                    tensor = res.tensor  # float32: the writer converts to the output dtype
+                    out = None if it.out_dtype == it.buf_dtype else torch.empty(it.shape, dtype=it.out_dtype)
+                    res = fn(b, buf, dataclasses.replace(args, key=it.name), out)  # out=None: into b
+                    tensor = res.tensor
                     rec.update(weights=res.weights, kept=res.kept)
+                    del out
                     del res, buf
                 else:
                     tensor = b
@@ -285,34 +299,51 @@ def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: lis
             wt.join()
             stop.set()
             rt.join()
-            bar.close()
     if errors:
         raise errors[0]
+    return secs
+
+
+def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: list[_Item], config: MergeConfig,
+         weights: list[float], out_p: Path, progress: bool, threads: int | None, buffer_bytes: int | None,
+         t_start: float) -> dict:
+    tmp = out_p.parent / f".{out_p.name}.partial"
+    done = _open_partial(tmp, _fingerprint(base_r, readers, config))
+    writer = ShardedWriter(tmp, [(it.name, it.out_dtype, it.shape) for it in items], parse_size(config.shard_size),
+                           {"pivotfuse_merge": config.method}, resume=bool(done))
+    todo = [it for it in items if it.name not in done]
+    args = methods.MethodArgs(weights=tuple(weights), select_topk=config.select_topk, sce_mask=config.sce_mask,
+                              density=config.density, normalize=config.resolved_normalize(),
+                              rescale=config.rescale, scale=config.scale, seed=config.seed)
+    # the reader may hold at most the working set of the largest tensor: the peak is that one
+    # tensor, and small tensors are read ahead while others are merged
+    limit = buffer_bytes or max([32 << 20] + [it.nbytes for it in items])
+    bar = tqdm(total=len(items), initial=len(done), unit="tensor", desc=f"merge {config.method}",
+               disable=not progress)
+    try:
+        with compute_threads(threads or torch.get_num_threads()):
+            secs = _stream(base_r, readers, todo, methods.METHODS[config.method], args, writer, tmp / _LOG,
+                           done, limit, bar)
+    except PivotfuseError:
+        shutil.rmtree(tmp, ignore_errors=True)  # bad input: nothing worth resuming
+        raise
+    finally:
+        bar.close()
+        writer.close()
     if len(done) != len(items):
         raise PivotfuseError(f"merge stopped after {len(done)} of {len(items)} tensors (rerun to resume)")
-    writer.close()
-    base_files = copy_aux_files(base_r.folder, tmp, config.dtype)
+    writer.write_index()
     summary = {
         "out": str(out_p), "method": config.method, "config": dataclasses.asdict(config),
         "base": str(base_r.folder), "models": [str(r.folder) for r in readers],
         "tensors": len(items), "params": sum(int(torch.Size(it.shape).numel()) for it in items),
-        "resumed": len(items) - len(todo), "copied": base_files,
+        "resumed": len(items) - len(todo), "copied": copy_aux_files(base_r.folder, tmp, config.dtype),
         "seconds": {**{key: round(v, 3) for key, v in secs.items()},
                     "total": round(time.perf_counter() - t_start, 3)},
         "per_tensor": {name: {"weights": rec.get("weights"), "kept": rec.get("kept")}
                        for name, rec in done.items() if "weights" in rec},
     }
     card.write_card(tmp, summary)
-    state.unlink()
-    log.unlink()
-    if out_p.exists():  # --overwrite: swap in the new folder, then drop the old one
-        old = out_p.parent / f".{out_p.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        out_p.rename(old)
-        tmp.rename(out_p)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out_p)
+    _publish(tmp, out_p)
     summary["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
     return summary

@@ -1,12 +1,13 @@
 """Merge methods: pure functions over the tensors of ONE parameter, registered by name.
 
-Every method takes `base` (float32, the parameter's shape), `models` (float32, (K, *shape):
-the K models' values) and `MethodArgs`, and returns a `MethodResult` with the merged float32
-tensor and the per-model weights it used. To keep a merge's memory at a few tensors, both
-input buffers are consumed: `models` becomes the task vectors τ_k = θ_k − θ_base and the
-result is written into `base`'s memory. All maths is float32 (sums over a whole tensor add
-float32 slice sums in float64). Results equal the formulas up to float rounding, and equal
-mergekit 0.1.5 to ~1e-7 (tests compare each method with both).
+Every method takes `base` (the parameter, any float dtype), `models` ((K, *shape), the K
+models' values), `MethodArgs` and an `out` buffer (default: `base` itself), writes the merged
+tensor into `out` and returns a `MethodResult` with the per-model weights it used. To keep a
+merge's memory at a few tensors the input buffers are consumed (float32 models become the
+task vectors in place, see `merge.stack`) and the result may overwrite the base. All maths
+is float32, slice by slice (sums over a whole tensor add float32 slice sums in float64).
+Results equal the formulas up to float rounding, and equal mergekit 0.1.5 to ~1e-7 (tests
+compare each method with both).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Callable
 import torch
 
 from merge.parallel import each
-from merge.select import Scores, count_nonzero, topk_mask, variance_scores
+from merge.select import Scores, topk_mask, variance_scores
+from merge.stack import Stack
 
 
 @dataclass(frozen=True)
@@ -38,43 +40,52 @@ class MethodArgs:
 
 @dataclass
 class MethodResult:
-    tensor: torch.Tensor  # merged, float32, the base's shape (shares the base buffer's memory)
+    tensor: torch.Tensor  # the merged parameter: `out` with the base's shape
     weights: list[float]  # per-model weight used for this tensor
     kept: list[float] | None = None  # per-model share of elements that reached the merge (masking methods)
 
 
-MergeFn = Callable[[torch.Tensor, torch.Tensor, MethodArgs], MethodResult]
+MergeFn = Callable[..., MethodResult]
 METHODS: dict[str, MergeFn] = {}
 
 
-def register(name: str) -> Callable[[MergeFn], MergeFn]:
-    def deco(fn: MergeFn) -> MergeFn:
-        METHODS[name] = fn
+def register(name: str) -> Callable[[Callable], MergeFn]:
+    """Register `fn(stack, args, put) -> (weights, kept)` as method `name` (see `_wrap`)."""
+    def deco(fn: Callable) -> MergeFn:
+        METHODS[name] = _wrap(fn, task_vectors=name != "linear")
         return fn
     return deco
 
 
-def _task_vectors(base: torch.Tensor, models: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flatten, and turn the models buffer into task vectors in place: (N,) base, (K, N) τ."""
-    b, d = base.reshape(-1), models.view(models.shape[0], -1)
-    each(lambda s, e: d[:, s:e].sub_(b[s:e]), b.numel())
-    return b, d
+def _wrap(fn: Callable, task_vectors: bool) -> MergeFn:
+    def method(base: torch.Tensor, models: torch.Tensor, args: MethodArgs,
+               out: torch.Tensor | None = None) -> MethodResult:
+        out = base if out is None else out
+        flat = out.view(-1)
+        stack = Stack(base, models, task_vectors)
+
+        def put(s: int, e: int, value: torch.Tensor) -> None:
+            flat[s:e] = value  # converts to out's dtype; base[s:e] is not read after this
+
+        weights, kept = fn(stack, args, put)
+        return MethodResult(out.view(base.shape), weights, kept)
+    method.__doc__ = fn.__doc__
+    return method
 
 
-def _mean_squares(d: torch.Tensor, mask: torch.Tensor | None = None, apply: bool = False) -> torch.Tensor:
-    """mean(τ_k²) per model, float64, over `mask`ed elements; `apply` also zeroes the rest of τ in place."""
-    k, n = d.shape
+def _share(parts: list[torch.Tensor], n: int) -> list[float] | None:
+    return (torch.stack(parts).sum(0).double() / max(n, 1)).tolist() if parts else None
 
+
+def _mean_squares(st: Stack, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """mean(τ_k²) per model, float64, over the `mask`ed elements only if given."""
     def part(s: int, e: int) -> torch.Tensor:
-        x = d[:, s:e]
+        x = st.tau(s, e)
         if mask is not None:
-            if apply:
-                x.mul_(mask[s:e])
-            else:
-                x = x * mask[s:e]
+            x = x * mask[s:e]
         return (x * x).sum(1).double()  # (K,)
 
-    return torch.stack(each(part, n)).sum(0) / max(n, 1) if n else torch.zeros(k, dtype=torch.float64)
+    return torch.stack(each(part, st.n)).sum(0) / st.n if st.n else torch.zeros(st.k, dtype=torch.float64)
 
 
 def _ratio_weights(ms: torch.Tensor, tiny: float) -> torch.Tensor:
@@ -102,25 +113,22 @@ def _elect(x: torch.Tensor, w_num: torch.Tensor | None, w_den: torch.Tensor
 
 
 @register("varm")
-def varm(base: torch.Tensor, models: torch.Tensor, args: MethodArgs) -> MethodResult:
+def varm(st: Stack, args: MethodArgs, put) -> tuple[list[float], None]:
     """VaRM (FuseChat-1.0): w_k = mean(τ_k²) / Σ_j mean(τ_j²); merged = base + Σ_k w_k τ_k."""
-    b, d = _task_vectors(base, models)
-    w = _ratio_weights(_mean_squares(d), 0.0)
+    w = _ratio_weights(_mean_squares(st), 0.0)
     wc = w.view(-1, 1)
-    each(lambda s, e: b[s:e].add_((d[:, s:e] * wc).sum(0)), b.numel())
-    return MethodResult(base, w.tolist())
+    each(lambda s, e: put(s, e, st.base(s, e) + (st.tau(s, e) * wc).sum(0)), st.n)
+    return w.tolist(), None
 
 
-def select_by_variance(d: torch.Tensor, topk: float) -> torch.Tensor:
+def select_by_variance(st: Stack, topk: float) -> torch.Tensor:
     """SCE's selection: flat mask of the top `int(count_nonzero(var) * topk)` elements by
-    variance across the (K, N) task vectors — exactly mergekit's set (see `merge.select`)."""
-    scores = variance_scores(d)
-    count = int(torch.tensor(count_nonzero(scores)) * topk)  # mergekit's own rounding (a float32 product)
-    return topk_mask(scores, count)
+    variance across the task vectors — exactly mergekit's set (see `merge.select`)."""
+    return topk_mask(variance_scores(st.k, st.n, st.tau, st.tau_at), share=topk)
 
 
 @register("sce")
-def sce(base: torch.Tensor, models: torch.Tensor, args: MethodArgs) -> MethodResult:
+def sce(st: Stack, args: MethodArgs, put) -> tuple[list[float], list[float]]:
     """SCE (FuseChat-2.0): select top-τ elements by variance across τ_k, calculate variance-ratio
     weights, erase elements against the majority sign, merge.
 
@@ -132,89 +140,91 @@ def sce(base: torch.Tensor, models: torch.Tensor, args: MethodArgs) -> MethodRes
     """
     if args.sce_mask not in ("mergekit", "fusechat"):
         raise ValueError(f"sce_mask must be 'mergekit' or 'fusechat', got {args.sce_mask!r}")
-    b, d = _task_vectors(base, models)
-    k, n = d.shape
-    mask = select_by_variance(d, args.select_topk) if args.select_topk < 1 else None
     upstream = args.sce_mask == "mergekit"
-    w = _ratio_weights(_mean_squares(d, mask, apply=upstream), 1e-6 if upstream else 0.0)
+    mask = select_by_variance(st, args.select_topk) if args.select_topk < 1 else None
+    if upstream:
+        if mask is not None:
+            st.mask_(mask)
+        w = _ratio_weights(_mean_squares(st), 1e-6)
+    else:
+        w = _ratio_weights(_mean_squares(st, mask), 0.0)
     del mask
     wc = w.view(-1, 1)
 
     def part(s: int, e: int) -> torch.Tensor:
-        majority, num, den, kept = _elect(d[:, s:e], wc, wc)
+        majority, num, den, kept = _elect(st.tau(s, e), wc, wc)
         if upstream:
             den.clamp_(min=1e-6)
         else:
             den.masked_fill_(den == 0, 1)
-        b[s:e].addcdiv_(majority * num, den)
+        put(s, e, torch.addcdiv(st.base(s, e), majority * num, den))
         return kept
 
-    kept = torch.stack(each(part, n)).sum(0) if n else torch.zeros(k)
-    return MethodResult(base, w.tolist(), (kept.double() / max(n, 1)).tolist())
+    return w.tolist(), _share(each(part, st.n), st.n)
 
 
 @register("linear")
-def linear(base: torch.Tensor, models: torch.Tensor, args: MethodArgs) -> MethodResult:
+def linear(st: Stack, args: MethodArgs, put) -> tuple[list[float], None]:
     """merged = Σ_k w_k θ_k (/ Σ_k w_k when normalising, the default). The base is not averaged in."""
-    b, t = base.reshape(-1), models.view(models.shape[0], -1)
     w = torch.tensor(args.weights, dtype=torch.float32)
 
     def part(s: int, e: int) -> None:
-        out = b[s:e].zero_()
-        for i in range(t.shape[0]):
-            out.addcmul_(t[i, s:e], w[i])
-        if args.normalize:
-            out.div_(w.sum())
+        theta = st.theta(s, e)
+        acc = torch.zeros(e - s)
+        for i in range(st.k):
+            acc.addcmul_(theta[i], w[i])
+        put(s, e, acc.div_(w.sum()) if args.normalize else acc)
 
-    each(part, b.numel())
-    return MethodResult(base, w.tolist())
-
-
-def _generator(seed: int, key: str, model: int, start: int) -> torch.Generator:
-    """A generator per (seed, tensor name, model, slice): masks independent of order and threads."""
-    digest = hashlib.sha256(f"{seed}:{key}:{model}:{start}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+    each(part, st.n)
+    return w.tolist(), None
 
 
-def _dare_(d: torch.Tensor, args: MethodArgs) -> None:
-    """DARE on (K, N) task vectors, in place: drop each element with probability 1 − density,
-    then rescale the kept ones (by 1/density, or back to the row's L1 norm as mergekit does)."""
-    k, n = d.shape
+def _dare_keep(args: MethodArgs, k: int, s: int, e: int) -> torch.Tensor:
+    """(K, c) DARE keep-masks of slice [s, e): Bernoulli(density), from a generator per (seed,
+    tensor name, model, slice), so the same mask comes back on every call, thread and rerun."""
+    rows = []
+    for i in range(k):
+        digest = hashlib.sha256(f"{args.seed}:{args.key}:{i}:{s}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
+        rows.append(torch.rand(e - s, generator=g) < args.density)
+    return torch.stack(rows)
 
+
+def _l1_factors(st: Stack, args: MethodArgs) -> torch.Tensor:
+    """mergekit 0.1.5's DARE rescale: |τ_k|₁ / |dropped τ_k|₁ per model (1 for ~zero norms), (K, 1)."""
     def part(s: int, e: int) -> torch.Tensor:
-        before = d[:, s:e].abs().sum(1).double()
-        for i in range(k):
-            d[i, s:e].mul_(torch.rand(e - s, generator=_generator(args.seed, args.key, i, s)) < args.density)
-        if args.rescale == "inverse":
-            d[:, s:e].div_(args.density)
-        return torch.stack([before, d[:, s:e].abs().sum(1).double()])  # (2, K) L1 before/after
+        x = st.tau(s, e)
+        return torch.stack([x.abs().sum(1), (x * _dare_keep(args, st.k, s, e)).abs().sum(1)]).double()
 
-    norms = torch.stack(each(part, n)).sum(0)
-    if args.rescale == "l1":  # mergekit 0.1.5: match the original L1 norm (skipped for ~zero norms)
-        for i in range(k):
-            if norms[0, i] >= 1e-7 and norms[1, i] >= 1e-7:
-                d[i].mul_(float(norms[0, i] / norms[1, i]))
+    before, after = torch.stack(each(part, st.n)).sum(0)
+    ok = (before >= 1e-7) & (after >= 1e-7)
+    return torch.where(ok, before / after.clamp(min=1e-300), 1.0).float().view(-1, 1)
 
 
-def _task_arithmetic_family(base: torch.Tensor, models: torch.Tensor, args: MethodArgs,
-                            sparsify: str | None, consensus: bool) -> MethodResult:
+def _task_arithmetic_family(st: Stack, args: MethodArgs, put, sparsify: str | None,
+                            consensus: bool) -> tuple[list[float], list[float] | None]:
     """mergekit's generalized task arithmetic: sparsify each τ_k, weight it, optionally elect
     signs (TIES), sum, optionally divide by the sum of (kept) weights, scale, add to the base."""
-    b, d = _task_vectors(base, models)
-    k, n = d.shape
+    dare = sparsify == "random" and args.density < 1
     if sparsify == "magnitude" and args.density < 1:
-        top = max(1, int(args.density * n))
-        for i in range(k):
-            row = d[i]
-            d[i].mul_(topk_mask(Scores(n, lambda s, e: row[s:e].abs(), lambda idx: row[idx].abs()), top))
-    elif sparsify == "random" and args.density < 1:
-        _dare_(d, args)
+        top = max(1, int(args.density * st.n))
+        for i in range(st.k):
+            scores = Scores(st.n, lambda s, e: st.tau_row(i, s, e).abs(), lambda idx: st.tau_at(idx)[i].abs())
+            st.mask_(topk_mask(scores, top), row=i)
+    factors = _l1_factors(st, args) if dare and args.rescale == "l1" else None
     w = torch.tensor(args.weights, dtype=torch.float32).view(-1, 1)  # (K, 1)
     total = w.sum(0)
     total[total.abs() < 1e-8] = 1
 
     def part(s: int, e: int) -> torch.Tensor | None:
-        x = d[:, s:e].mul_(w)
+        x = st.tau(s, e)
+        if dare:
+            x = x * _dare_keep(args, st.k, s, e)
+            if args.rescale == "inverse":
+                x /= args.density
+            elif factors is not None:
+                x *= factors
+        x = x * w  # mergekit weights the sparsified task vectors
         kept = None
         if consensus:
             majority, mixed, divisor, kept = _elect(x, None, w)
@@ -228,33 +238,32 @@ def _task_arithmetic_family(base: torch.Tensor, models: torch.Tensor, args: Meth
             mixed /= divisor
         if args.scale != 1:
             mixed *= args.scale
-        b[s:e].add_(mixed)
+        put(s, e, st.base(s, e) + mixed)
         return kept
 
-    parts = [p for p in each(part, n) if p is not None]
-    share = (torch.stack(parts).sum(0).double() / max(n, 1)).tolist() if parts else None
-    return MethodResult(base, w.view(-1).tolist(), share)
+    parts = [p for p in each(part, st.n) if p is not None]
+    return w.view(-1).tolist(), _share(parts, st.n)
 
 
 @register("task_arithmetic")
-def task_arithmetic(base: torch.Tensor, models: torch.Tensor, args: MethodArgs) -> MethodResult:
+def task_arithmetic(st: Stack, args: MethodArgs, put):
     """merged = base + λ Σ_k w_k τ_k."""
-    return _task_arithmetic_family(base, models, args, None, consensus=False)
+    return _task_arithmetic_family(st, args, put, None, consensus=False)
 
 
 @register("ties")
-def ties(base: torch.Tensor, models: torch.Tensor, args: MethodArgs) -> MethodResult:
+def ties(st: Stack, args: MethodArgs, put):
     """TIES: keep the top-`density` |τ_k| of each model, elect signs by Σ_k w_k τ_k, average the agreeing."""
-    return _task_arithmetic_family(base, models, args, "magnitude", consensus=True)
+    return _task_arithmetic_family(st, args, put, "magnitude", consensus=True)
 
 
 @register("dare_ties")
-def dare_ties(base: torch.Tensor, models: torch.Tensor, args: MethodArgs) -> MethodResult:
+def dare_ties(st: Stack, args: MethodArgs, put):
     """DARE drop-and-rescale of each τ_k, then TIES sign election."""
-    return _task_arithmetic_family(base, models, args, "random", consensus=True)
+    return _task_arithmetic_family(st, args, put, "random", consensus=True)
 
 
 @register("dare_linear")
-def dare_linear(base: torch.Tensor, models: torch.Tensor, args: MethodArgs) -> MethodResult:
+def dare_linear(st: Stack, args: MethodArgs, put):
     """DARE drop-and-rescale of each τ_k, then base + λ Σ_k w_k τ̃_k."""
-    return _task_arithmetic_family(base, models, args, "random", consensus=False)
+    return _task_arithmetic_family(st, args, put, "random", consensus=False)

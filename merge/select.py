@@ -28,14 +28,15 @@ _EPS32 = 2.0 ** -24
 
 @dataclass
 class Scores:
-    """N per-element scores, on demand: `part(s, e)` estimates slice [s, e) within a relative
-    error `rel_err`; `exact(idx)` returns the exact scores at flat indices."""
+    """N per-element scores, on demand: `part(s, e)` estimates slice [s, e) times `scale` within
+    a relative error `rel_err`; `exact(idx)` returns the exact scores at flat indices."""
 
     n: int
     part: Callable[[int, int], torch.Tensor]
     exact: Callable[[torch.Tensor], torch.Tensor]
     rel_err: float = 0.0
     full: Callable[[], torch.Tensor] | None = None  # all exact scores at once (default: exact(arange))
+    scale: float = 1.0  # estimates come scaled (saves a division per element)
 
     @classmethod
     def of(cls, values: torch.Tensor) -> "Scores":
@@ -64,35 +65,31 @@ def population_variance(deltas: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def variance_scores(deltas: torch.Tensor) -> Scores:
-    """Variance over dim 0 of (K, N) float32 task vectors as `Scores`.
+def variance_scores(k: int, n: int, tau: Callable[[int, int], torch.Tensor],
+                    tau_at: Callable[[torch.Tensor], torch.Tensor]) -> Scores:
+    """Variance across K task vectors as `Scores`, given their float32 slices `tau(s, e)` (K, c)
+    and values at flat indices `tau_at(idx)` (K, m).
 
-    The estimate Σ_{i<j} (x_i − x_j)² / K² has non-negative terms only, so float32 rounding
-    keeps it within (pairs + 4) half-ulps of the true value; it is zero exactly when all K
+    The estimate K²·var = Σ_{i<j} (x_i − x_j)² has non-negative terms only, so float32 rounding
+    keeps it within (pairs + 2) half-ulps of the true value; it is zero exactly when all K
     values are equal. For K > 8 (K²/2 passes) the exact variance is used directly.
     """
-    k, n = deltas.shape
-    exact = lambda idx: population_variance(deltas[:, idx])  # noqa: E731
-    full = lambda: population_variance(deltas)  # noqa: E731
+    exact = lambda idx: population_variance(tau_at(idx))  # noqa: E731
     if k > 8:
-        return Scores(n, lambda s, e: population_variance(deltas[:, s:e]), exact, full=full)
+        return Scores(n, lambda s, e: population_variance(tau(s, e)), exact)
 
     def part(s: int, e: int) -> torch.Tensor:
-        acc = torch.zeros(e - s, dtype=torch.float32)
+        x = tau(s, e)
+        acc = torch.zeros(e - s) if k < 2 else None
         for i in range(k):
             for j in range(i + 1, k):
-                diff = deltas[i, s:e] - deltas[j, s:e]
-                acc.addcmul_(diff, diff)
-        return acc.div_(k * k)
+                diff = x[i] - x[j]
+                acc = diff.mul_(diff) if acc is None else acc.addcmul_(diff, diff)
+        return acc
 
     pairs = k * (k - 1) // 2
     # + the exact variance's own rounding to float32, with a safety factor of 2
-    return Scores(n, part, exact, 2 * (pairs + 6) * _EPS32, full)
-
-
-def count_nonzero(scores: Scores) -> int:
-    """Number of non-zero scores (estimates are zero exactly where the scores are)."""
-    return sum(each(lambda s, e: int(torch.count_nonzero(scores.part(s, e))), scores.n))
+    return Scores(n, part, exact, 2 * (pairs + 4) * _EPS32, scale=float(k * k))
 
 
 def _sort_keys(x: torch.Tensor) -> torch.Tensor:
@@ -135,37 +132,57 @@ def radix_topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
-def topk_mask(scores: Scores | torch.Tensor, k: int) -> torch.Tensor:
-    """Flat bool mask of the `k` largest scores (ties at the k-th value: lowest index first)."""
+def topk_share(count: int, share: float) -> int:
+    """mergekit's k for keeping `share` of `count` non-zero scores: `int(count_nonzero(var) * share)`,
+    whose product is float32 (an int64 tensor times a Python float)."""
+    return int(torch.tensor(count) * share)
+
+
+def topk_mask(scores: Scores | torch.Tensor, k: int | None = None, share: float | None = None) -> torch.Tensor:
+    """Flat bool mask of the `k` largest scores (ties at the k-th value: lowest index first).
+
+    With `share` instead of `k`, k = `topk_share(number of non-zero scores, share)`, counted in
+    the same pass (SCE's "top τ of the non-zero variances").
+    """
     sc = scores if isinstance(scores, Scores) else Scores.of(scores)
     n = sc.n
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool)
-    # 1. exact scores of a fixed-seed random sample bracket the k-th largest (6 sigma of binomial noise)
+    if k is not None and (k <= 0 or k >= n):
+        return torch.full((n,), k > 0, dtype=torch.bool)
+    # 1. exact scores of a fixed-seed random sample bracket the k-th largest score, with a
+    # 6-sigma margin for the sample's binomial noise (and for the estimate of k from `share`)
     g = torch.Generator().manual_seed(0)
-    sample = sc.exact(torch.randint(0, n, (min(n, _SAMPLE),), generator=g)).sort(descending=True).values
-    m, q = sample.numel(), k / n
-    pos, margin = q * m, 6 * math.sqrt(m * q * (1 - q)) + 8
+    m = min(n, max(4096, min(_SAMPLE, n // 32)))
+    sample = sc.exact(torch.randint(0, n, (m,), generator=g)).sort(descending=True).values
+    if k is None:
+        nz = float((sample != 0).float().mean())
+        q = min(1.0, max(0.0, nz * share))
+        slack = share * math.sqrt(m * nz * (1 - nz))
+    else:
+        q, slack = k / n, 0.0
+    pos, margin = q * m, 6 * (math.sqrt(m * q * (1 - q)) + slack) + 8
     hi_r, lo_r = int(pos - margin), int(pos + margin) + 1
     t_hi = float(sample[hi_r]) if hi_r >= 0 else math.inf
     t_lo = float(sample[lo_r]) if lo_r < m else -math.inf
-    up = t_hi + abs(t_hi) * 2 * sc.rel_err if math.isfinite(t_hi) else t_hi
-    down = t_lo - abs(t_lo) * 2 * sc.rel_err if math.isfinite(t_lo) else t_lo
+    up = (t_hi + abs(t_hi) * 2 * sc.rel_err) * sc.scale if math.isfinite(t_hi) else t_hi
+    down = (t_lo - abs(t_lo) * 2 * sc.rel_err) * sc.scale if math.isfinite(t_lo) else t_lo
     # 2. one pass: estimate > up means true score > t_hi (selected); estimates in [down, up] are candidates
     mask = torch.empty(n, dtype=torch.bool)
 
-    def part(s: int, e: int) -> tuple[int, torch.Tensor]:
+    def part(s: int, e: int) -> tuple[int, int, torch.Tensor]:
         c = sc.part(s, e)
         above = torch.gt(c, up, out=mask[s:e])
         inside = torch.logical_and(c >= down, c <= up)
+        nonzero = int(torch.count_nonzero(c)) if k is None else 0
         # count_nonzero, not bool.sum(): the latter makes an int64 copy of the slice
-        return int(torch.count_nonzero(above)), torch.nonzero(inside).view(-1).add_(s)
+        return int(torch.count_nonzero(above)), nonzero, torch.nonzero(inside).view(-1).add_(s)
 
     parts = each(part, n)
-    need = k - sum(c for c, _ in parts)
-    band = torch.cat([idx for _, idx in parts])
+    if k is None:
+        k = topk_share(sum(p[1] for p in parts), share)
+        if k <= 0 or k >= n:
+            return torch.full((n,), k > 0, dtype=torch.bool)
+    need = k - sum(p[0] for p in parts)
+    band = torch.cat([p[2] for p in parts])
     del parts
     if 0 < need <= band.numel():
         order = torch.sort(sc.exact(band), descending=True, stable=True)  # stable: ties keep index order

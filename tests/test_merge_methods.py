@@ -66,8 +66,8 @@ def test_variance_scores_select_exactly_mergekits_elements(slicing):
         d = torch.randn(k, 30000, generator=g) * 1e-3
         d[:, :500] = 0.125  # equal columns: zero variance, never counted
         var = torch.var(d, dim=0, unbiased=False)
-        scores = variance_scores(d)
-        est = torch.cat([scores.part(s, e) for s, e in parallel.spans(scores.n)])
+        scores = variance_scores(k, d.shape[1], lambda s, e: d[:, s:e], lambda idx: d[:, idx])
+        est = torch.cat([scores.part(s, e) for s, e in parallel.spans(scores.n)]) / scores.scale
         nz = var != 0
         assert torch.equal(est != 0, nz)
         assert float(((est[nz] - var[nz]).abs() / var[nz]).max()) <= scores.rel_err / 2
@@ -76,6 +76,10 @@ def test_variance_scores_select_exactly_mergekits_elements(slicing):
             expected = torch.zeros(var.numel(), dtype=torch.bool)
             expected[torch.topk(var, count).indices] = True
             assert torch.equal(topk_mask(scores, count), expected)
+            assert torch.equal(topk_mask(scores, share=top), expected)  # k counted in the same pass
+    flat = torch.full((3, 100), 0.5)
+    scores = variance_scores(3, 100, lambda s, e: flat[:, s:e], lambda idx: flat[:, idx])
+    assert not topk_mask(scores, share=0.1).any()  # no variance: nothing selected
 
 
 def test_topk_mask_falls_back_to_exact_selection_when_estimates_mislead():
@@ -203,3 +207,21 @@ def test_methods_handle_scalars_and_single_models(name):
     # one model, weight 1, nothing dropped: every method returns that model
     res = _run(name, torch.tensor(0.5), [torch.tensor(0.75)], density=1.0, select_topk=1.0)
     assert res.tensor.shape == () and float(res.tensor) == 0.75
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("varm", {}), ("sce", {"select_topk": 0.2}), ("sce", {"select_topk": 0.2, "sce_mask": "fusechat"}),
+    ("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 0.4}),
+    ("dare_ties", {"density": 0.4, "rescale": "l1"}), ("dare_linear", {"density": 0.4}),
+])
+def test_half_precision_inputs_give_the_float32_result(slicing, name, kw):
+    # bf16 inputs stay bf16 in memory and are converted slice by slice; the maths must not change
+    base, ts = _family(shape=(40, 33))
+    base, ts = base.bfloat16(), [t.bfloat16() for t in ts]
+    args = MethodArgs(weights=(1.0, 0.5, 0.8), key="w", **kw)
+    fn = methods.METHODS[name]
+    lazy = fn(base.clone(), torch.stack(ts), args, torch.empty(base.shape)).tensor
+    eager = fn(base.float(), torch.stack(ts).float(), args).tensor
+    assert lazy.dtype == eager.dtype == torch.float32 and torch.equal(lazy, eager)
+    into_base = fn(base.clone(), torch.stack(ts), args).tensor  # output written over the bf16 base
+    assert into_base.dtype == torch.bfloat16 and torch.equal(into_base, eager.bfloat16())
