@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         for step, sec in info["seconds"].items():
             print(f"{step}: {sec:.1f} s")
         if "judgments" in info:
-            print(build_table(cfg.out, list(models))[0])
+            print(build_table(cfg.out, list(models), info["judge"])[0])  # this judge's, if OUT holds several
     elif args.eval_command == "loss":
         from evals.loss import heldout_loss
         from evals.report import build_table

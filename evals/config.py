@@ -30,7 +30,8 @@ class EvalConfig:
     questions: str = field("demo", help="FastChat question.jsonl, or 'demo' for our own small set over the demo world's domains")
     judge_prompts: str | None = field(None, help="FastChat judge_prompts.jsonl; default: pivotfuse's own prompts with the same semantics")
     reference: str | None = field(None, help="reference answers (FastChat model_answer format: a .jsonl file, or a folder holding <judge>.jsonl)")
-    judge: str | None = field(None, help="judge: local HF folder or openai:MODEL[@BASE_URL] (prefix NAME= to name it)")
+    judge: str | None = field(None, help="judge: local HF folder or openai:MODEL[@BASE_URL] (prefix NAME= to name it), "
+                              "or 'reference': a deterministic check against reference answers (evals/reference_judge.py)")
     base_url: str | None = field(None, help="default base URL for openai: specs without @URL (else $OPENAI_BASE_URL, else https://api.openai.com/v1)")
     api_key_env: str = field("OPENAI_API_KEY", help="environment variable holding the endpoint's API key (unset = no key sent)")
     max_new_tokens: int = field(1024, help="answer length limit per turn (FastChat: 1024)")
