@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) cli.py world --recipe recipes/demo.yaml
+	$(PY) cli.py run recipes/demo.yaml
 
 # Everything, slow end-to-end tests included (what CI runs).
 test: $(STAMP)

@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("world.cli", "build the offline demo world: corpus + pivot + source chat models"),
     "merge": ("merge.cli", "merge models in parameter space: varm, sce, ties, dare, task arithmetic, linear"),
     "extract": ("fuse.extract_cli", "store a model's top-k next-token log-probs over a chat corpus (resumable)"),
+    "run": ("core.run", "run a whole recipe: world → extract/align/fuse per source → merges → eval → report"),
     "eval": ("evals.cli", "evaluate chat models: MT-Bench-style judging, held-out loss, report"),
     "align": ("fuse.align_cli", "map a source model's vocabulary onto the pivot's over a chat corpus (MinED alignment)"),
     "fuse": ("fuse.cli", "train target T_k: the pivot fused with one source (extract, align, MinCE targets, train)"),

@@ -27,6 +27,7 @@ class ModelSpec:
     name: str = field(help="short name used in output folders and tables")
     path: str = field(help="local HF folder, or world:NAME for a model of the demo world")
     chat_template: str | None = field(None, help="jinja file to use when the tokenizer has no chat template")
+    domain: str | None = field(None, help="the held-out domain this source is the expert of (for the run's report)")
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Recipe:
     out: str = field(help="output folder of the run")
     models: ModelsConfig = field(help="pivot and sources")
     data: DataConfig = field(help="corpora")
+    pivot_clm: bool = field(True, help="run: also train the pivot-CLM baseline (λ = 1, same data and steps)")
     world: WorldConfig | None = field(None, help="build the demo world first (models/data may say world:NAME)")
     merge: list[MergeSpec] = field(default_factory=list, help="parameter-space merges of the targets: each a name + method options")
     extract: ExtractConfig = field(default_factory=ExtractConfig, help="teacher extraction: top-k, batch size, max length, shards")
@@ -73,10 +75,15 @@ class Recipe:
             else str(base / "models" / name)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load and validate a recipe; relative paths are taken from the working directory."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
+    """Load and validate a recipe; relative paths are taken from the working directory.
+
+    `check_paths=False` validates the schema only (e.g. a GPU recipe on a machine without its models).
+    """
     data = apply_overrides(load_yaml(path), overrides or [], str(path))
     recipe = from_dict(Recipe, data, src=str(path))
+    if not check_paths:
+        return recipe
     for spec in [recipe.models.pivot, *recipe.models.sources]:
         if spec.path.startswith("world:"):
             recipe.world_path(spec.path)  # raises when there is no world section

@@ -71,10 +71,14 @@ def _train_one(i: int, cfg: WorldConfig, splits: dict[str, list[corpus.Conversat
     model = build_model(plan, tok)
     if torch.cuda.is_available():
         model = model.to("cuda")
-    own = [c for c in splits["source_train"] if c.domain == plan.domain] if plan.domain else []
-    # experts also see some chat (they are chat models); the pivot sees chat only
-    general = splits["general"][: max(len(own) // 3, 1)] if own else splits["general"]
-    losses = train(model, tok, own + general, steps=cfg.train_steps, batch_size=cfg.batch_size,
+    if plan.domain:  # an expert: all of its skill, plus some chat (it is a chat model)
+        own = [c for c in splits["source_train"] if c.domain == plan.domain]
+        mix = own + splits["general"][: max(len(own) // 3, 1)]
+    else:  # the pivot, a generalist like a real pivot (OpenChat): chat plus a little of every skill
+        per_skill = int(cfg.n_source_train * cfg.pivot_skill_share)
+        mix = splits["general"] + [c for d in corpus.SKILLS
+                                   for c in [c for c in splits["source_train"] if c.domain == d][:per_skill]]
+    losses = train(model, tok, mix, steps=cfg.train_steps, batch_size=cfg.batch_size,
                    lr=cfg.lr, seed=cfg.seed * 100 + i)
     heldout = {d: [c for c in splits["heldout"] if c.domain == d] for d in corpus.DOMAINS}
     model.save_pretrained(folder)

@@ -17,6 +17,8 @@ class WorldConfig:
     n_general: int = field(1200, help="general chit-chat conversations (pivot training)")
     n_fusion: int = field(160, help="fusion-corpus conversations per domain")
     n_heldout: int = field(60, help="held-out conversations per domain")
+    pivot_skill_share: float = field(0.1, help="share of each skill's source-training chats the pivot also sees "
+                                               "(a generalist: weak at every skill, expert at none)")
     train_steps: int = field(300, help="optimizer steps per world model")
     batch_size: int = field(16, help="conversations per training step")
     lr: float = field(3e-3, help="peak learning rate for world models")
@@ -25,5 +27,7 @@ class WorldConfig:
         for name in ("n_source_train", "n_general", "n_fusion", "n_heldout", "train_steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be > 0")
+        if not 0.0 <= self.pivot_skill_share <= 1.0:
+            raise ValueError("pivot_skill_share: must be in [0, 1]")
         if self.lr <= 0:
             raise ValueError("lr: must be > 0")

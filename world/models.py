@@ -2,7 +2,7 @@
 
 | name    | architecture | tokenizer                         | template | trained on          |
 |---------|--------------|-----------------------------------|----------|---------------------|
-| pivot   | Llama        | byte-level BPE (trained, 2k)      | ChatML   | general chat only   |
+| pivot   | Llama        | byte-level BPE (trained, 2k)      | ChatML   | chat + a little of each skill |
 | arith   | Qwen3        | Llama-2's real SentencePiece, 32k | Llama-2  | arithmetic + chat   |
 | facts   | GPT-NeoX     | byte-level BPE (trained, 3k)      | ChatML   | fact table + chat   |
 | strings | GPT-2        | SentencePiece-style Unigram       | Zephyr   | word games + chat   |
