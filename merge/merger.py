@@ -1,10 +1,8 @@
-"""The streaming merger: check the inputs' headers, then read → merge → write one tensor at a
-time, with reading and writing on their own threads so disk and CPU overlap.
-
-Memory stays a few tensors: the reader may run ahead only within a byte budget (by default
-the largest tensor's working set, so two big tensors are never held at once). Output goes to
-a hidden `.NAME.partial` folder next to `out`, whose planned shard layout lets an interrupted
-merge resume where it stopped, and is renamed to `out` only when complete.
+"""The streaming merger: check every input's headers (names, shapes, tied heads) before any
+work, then run the read → merge → write pipeline (`merge.pipeline`) into a hidden
+`.NAME.partial` folder next to `out`. Its planned shard layout and progress log let an
+interrupted merge resume where it stopped; it is renamed to `out` only when complete, with the
+base's config/tokenizer files and a model card. `merge_models` is the entry point.
 """
 
 from __future__ import annotations
@@ -12,13 +10,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import queue
 import re
 import shutil
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,42 +23,13 @@ from merge import card, methods
 from merge.config import MergeConfig, parse_size
 from merge.io import SafetensorsReader, ShardedWriter, copy_aux_files
 from merge.parallel import compute_threads
+from merge.pipeline import Item, stream
 
 # Output heads that `tie_word_embeddings` models omit: a model without one uses its input embedding.
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
 _EMBED = re.compile(r"(^|\.)(embed_tokens|wte|embed_in|word_embeddings)\.weight$")
 _STATE, _LOG = ".pivotfuse-merge.json", ".progress.jsonl"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class _Item:
-    name: str
-    shape: tuple[int, ...]
-    sources: list[str]  # the tensor's name in each model (differs for a tied head)
-    out_dtype: torch.dtype
-    merge: bool  # float tensors are merged; integer buffers are copied from the base
-    buf_dtype: torch.dtype  # inputs are held as stored when all share one float dtype, else float32
-    nbytes: int  # working set: base + K models (+ output when its dtype differs) + a mask
-
-
-class _Budget:
-    """Bytes the reader may hold ahead of the writer; one item is always allowed."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit, self.used, self.cond = limit, 0, threading.Condition()
-
-    def acquire(self, n: int, stop: threading.Event) -> bool:
-        with self.cond:
-            while self.used and self.used + n > self.limit and not stop.is_set():
-                self.cond.wait(0.1)
-            self.used += n
-            return not stop.is_set()
-
-    def release(self, n: int) -> None:
-        with self.cond:
-            self.used -= n
-            self.cond.notify_all()
 
 
 def _tied_source(name: str, reader: SafetensorsReader, shape: tuple[int, ...]) -> str | None:
@@ -77,7 +42,7 @@ def _tied_source(name: str, reader: SafetensorsReader, shape: tuple[int, ...]) -
     return None
 
 
-def plan_merge(base: SafetensorsReader, models: list[SafetensorsReader], dtype: str | None) -> list[_Item]:
+def plan_merge(base: SafetensorsReader, models: list[SafetensorsReader], dtype: str | None) -> list[Item]:
     """Check every model has the base's tensors with the base's shapes; return the work list."""
     k = len(models)
     items = []
@@ -97,7 +62,7 @@ def plan_merge(base: SafetensorsReader, models: list[SafetensorsReader], dtype: 
         buf_dtype = info.dtype if (merge and same) else torch.float32
         n, size = info.numel, buf_dtype.itemsize
         nbytes = (k + 1) * n * size + (n * out_dtype.itemsize if out_dtype != buf_dtype else 0) + n
-        items.append(_Item(name, info.shape, sources, out_dtype, merge, buf_dtype,
+        items.append(Item(name, info.shape, sources, out_dtype, merge, buf_dtype,
                            nbytes if merge else 2 * info.nbytes))
     for r in models:
         for name in r.infos:
@@ -105,33 +70,6 @@ def plan_merge(base: SafetensorsReader, models: list[SafetensorsReader], dtype: 
                 hint = " (the base ties it to its input embedding)" if _HEAD.search(name) else ""
                 raise PivotfuseError(f"model {r.label}: tensor {name} is not in base {base.label}{hint}")
     return items
-
-
-def _glibc_trim():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        return None
-
-
-_MALLOC_TRIM = _glibc_trim()
-_TRIM_ABOVE = 64 << 20
-
-
-def _release_free_memory() -> None:
-    """Hand the allocator's free pages back to the OS after a big tensor: glibc keeps the
-    slice temporaries' freed memory in its per-thread arenas, which would add up to the peak."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def _check_finite(t: torch.Tensor, label: str, name: str) -> None:
-    # A float32 sum is finite whenever every element is, barring overflow (|sum| > 3e38),
-    # which the exact element-wise check then tells apart; NaN and inf always propagate.
-    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
-        raise PivotfuseError(f"model {label}: tensor {name} contains NaN or inf")
 
 
 def _fingerprint(base: SafetensorsReader, models: list[SafetensorsReader], config: MergeConfig) -> str:
@@ -213,98 +151,7 @@ def _publish(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-def _stream(base_r: SafetensorsReader, readers: list[SafetensorsReader], todo: list[_Item], fn, args,
-            writer: ShardedWriter, log: Path, done: dict[str, dict], limit: int, bar) -> dict[str, float]:
-    """Read → merge → write every item of `todo`: reading and writing on their own threads, the
-    merge on this one; returns the seconds each stage was busy. Written tensors are logged in
-    `log` (and `done`) as they land, so an interrupted stream can resume."""
-    k = len(readers)
-    budget, stop = _Budget(limit), threading.Event()
-    q_in: queue.Queue = queue.Queue()
-    q_out: queue.Queue = queue.Queue()
-    errors: list[BaseException] = []
-    secs = {"read": 0.0, "compute": 0.0, "write": 0.0}
-
-    def read_loop() -> None:
-        try:
-            for it in todo:
-                if not budget.acquire(it.nbytes, stop):
-                    break
-                t0 = time.perf_counter()
-                if it.merge:
-                    b = base_r.read_into(it.name, torch.empty(it.shape, dtype=it.buf_dtype))
-                    _check_finite(b, base_r.label, it.name)
-                    buf = torch.empty((k, *it.shape), dtype=it.buf_dtype)
-                    for i, (r, src) in enumerate(zip(readers, it.sources)):
-                        _check_finite(r.read_into(src, buf[i]), r.label, it.name)
-                    q_in.put((it, b, buf))
-                else:
-                    q_in.put((it, base_r.read(it.name), None))
-                secs["read"] += time.perf_counter() - t0
-        except BaseException as e:  # noqa: BLE001 - handed to the main thread
-            errors.append(e)
-        finally:
-            q_in.put(None)
-
-    def write_loop(fh) -> None:
-        try:
-            while (msg := q_out.get()) is not None:
-                it, tensor, rec = msg
-                t0 = time.perf_counter()
-                writer.write(it.name, tensor)
-                del msg, tensor  # freed before the budget lets the reader fetch more
-                fh.write(json.dumps(rec) + "\n")
-                fh.flush()  # logged only once written: a resumed run trusts these names
-                done[it.name] = rec
-                secs["write"] += time.perf_counter() - t0
-                budget.release(it.nbytes)
-                bar.update(1)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-            stop.set()
-
-    with log.open("a") as fh:
-        rt = threading.Thread(target=read_loop, name="merge-read", daemon=True)
-        wt = threading.Thread(target=write_loop, args=(fh,), name="merge-write", daemon=True)
-        rt.start()
-        wt.start()
-        try:
-            while not stop.is_set():
-                msg = q_in.get()
-                if msg is None:
-                    break
-                it, b, buf = msg
-                del msg  # the queue's tuple must not keep the buffers alive
-                t0 = time.perf_counter()
-                rec: dict = {"name": it.name}
-                if it.merge:
-                    out = None if it.out_dtype == it.buf_dtype else torch.empty(it.shape, dtype=it.out_dtype)
-                    res = fn(b, buf, dataclasses.replace(args, key=it.name), out)  # out=None: into b
-                    tensor = res.tensor
-                    rec.update(weights=res.weights, kept=res.kept)
-                    del out
-                    del res, buf
-                else:
-                    tensor = b
-                if it.nbytes > _TRIM_ABOVE:
-                    _release_free_memory()
-                secs["compute"] += time.perf_counter() - t0
-                q_out.put((it, tensor, rec))
-                del b, tensor
-        except BaseException:
-            stop.set()
-            raise
-        finally:
-            q_out.put(None)  # the writer finishes what is queued: a rerun resumes after it
-            wt.join()
-            stop.set()
-            rt.join()
-    if errors:
-        raise errors[0]
-    return secs
-
-
-def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: list[_Item], config: MergeConfig,
+def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: list[Item], config: MergeConfig,
          weights: list[float], out_p: Path, progress: bool, threads: int | None, buffer_bytes: int | None,
          t_start: float) -> dict:
     tmp = out_p.parent / f".{out_p.name}.partial"
@@ -322,7 +169,7 @@ def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: lis
                disable=not progress)
     try:
         with compute_threads(threads or torch.get_num_threads()):
-            secs = _stream(base_r, readers, todo, methods.METHODS[config.method], args, writer, tmp / _LOG,
+            secs = stream(base_r, readers, todo, methods.METHODS[config.method], args, writer, tmp / _LOG,
                            done, limit, bar)
     except PivotfuseError:
         shutil.rmtree(tmp, ignore_errors=True)  # bad input: nothing worth resuming
