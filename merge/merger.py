@@ -87,6 +87,8 @@ def _check_paths(base: Path, models: list[Path], out: Path, overwrite: bool) -> 
     for p in [base, *models]:
         if out == p or out in p.parents or p in out.parents:
             raise PivotfuseError(f"out: {out} overlaps input model folder {p}; inputs are never modified")
+    if out.exists() and not out.is_dir():
+        raise PivotfuseError(f"out: {out} is a file, not a folder")
     if out.exists() and not overwrite:
         raise PivotfuseError(f"out: {out} already exists (pass --overwrite to replace it)")
 

@@ -124,6 +124,8 @@ def test_output_folder_rules(family, tmp_path):
     _expect("overlaps input model folder", lambda: merge_models(*args, str(targets[0]), overwrite=True,
                                                                 progress=False))
     _expect("overlaps input model folder", lambda: merge_models(*args, str(base / "sub"), progress=False))
+    (tmp_path / "afile").write_text("x")
+    _expect("is a file", lambda: merge_models(*args, str(tmp_path / "afile"), overwrite=True, progress=False))
     _expect("weights: 1 given for 2 models", lambda: merge_models(
         args[0], args[1], MergeConfig(method="linear", weights=[1.0]), str(tmp_path / "w"), progress=False))
 

@@ -60,6 +60,24 @@ def test_merge_matches_whole_model_reference(family, tmp_path, case):
         torch.testing.assert_close(got[name], expected, **ULPS, msg=lambda m: f"{case}: {name}: {m}")
 
 
+def test_dare_merges_are_reproducible_and_drop_the_asked_share(family, tmp_path):
+    base, targets = family
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        cfg = MergeConfig(method="dare_linear", density=0.3, seed=seed, weights=[1.0, 0.0, 0.0])
+        merge_models(str(base), [str(t) for t in targets], cfg, str(tmp_path / name), progress=False)
+        runs[name] = load_sd(tmp_path / name)
+    b_sd, t0 = load_sd(base), load_sd(targets[0])
+    assert all(torch.equal(runs["a"][n], runs["b"][n]) for n in b_sd)
+    assert not all(torch.equal(runs["a"][n], runs["c"][n]) for n in b_sd)
+    # only model 0 counts: each moved element is its task vector / density, the rest stay at the base
+    name = "model.layers.0.mlp.up_proj.weight"
+    tau, moved = t0[name] - b_sd[name], runs["a"][name] - b_sd[name]
+    kept = moved != 0
+    torch.testing.assert_close(moved[kept], tau[kept] / 0.3, rtol=1e-5, atol=1e-9)
+    assert abs(float(kept.float().mean()) - 0.3 * float((tau != 0).float().mean())) < 0.03
+
+
 def test_output_loads_generates_and_keeps_tokenizer(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
