@@ -5,8 +5,9 @@ MT-Bench questions and GPT-4 reference answers, about 2,000 pivot tokens each, r
 model's own chat template (Llama-2: its [INST] template). The naive baseline runs FuseLLM's
 recurrence over the full n×m grid of the reply, one `editdistance.eval` call per cell; pivotfuse
 runs `fuse.chat_align.align_chat` on the same chat. Both are timed in this run, in CPU seconds;
-the naive DP on the first sample only (seconds per sample), pivotfuse on every sample, cold (its
-edit-distance cache emptied first) and warm (as in a corpus run). The costs of both are compared.
+the naive DP on the first sample only (seconds per sample), pivotfuse on it cold (its
+edit-distance cache emptied first) and warm (after the other samples, as in a corpus run), the
+median of `--repeats` runs. The costs of both are compared.
 Also reported per pair: the coverage of the pivot's reply tokens (exact 1:1 / through the
 vocabulary map built over the samples / no source distribution).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,20 +58,18 @@ def naive_cost(a: list[str], b: list[str]) -> int:
 
 
 def chats(tok: TokenText, n_samples: int, n_tokens: int) -> list[list[dict]]:
-    """One user turn of MT-Bench questions and one long reply made of GPT-4 reference answers,
-    the reply about n_tokens tokens: the full n×m grid of a 2k-token sample, as FuseLLM aligns it."""
+    """A question and one long reply made of GPT-4 reference answers, about n_tokens tokens in all:
+    the full n×m grid of a 2k-token sample, as FuseLLM aligns it."""
     qs = {json.loads(l)["question_id"]: json.loads(l) for l in (ASSETS / "mt_bench" / "question.jsonl").open()}
     ans = [json.loads(l) for l in (ASSETS / "mt_bench" / "reference_answer" / "gpt-4.jsonl").open()]
     pairs = [(q, a) for r in ans for q, a in zip(qs[r["question_id"]]["turns"], r["choices"][0]["turns"])]
     out, k = [], 0
     for _ in range(n_samples):
-        questions, answers = [], []
-        while len(tok.tokenizer("\n\n".join(answers))["input_ids"]) < n_tokens:
-            q, a = pairs[k % len(pairs)]
-            questions.append(q)
-            answers.append(a)
+        question, answers = pairs[k % len(pairs)][0], []
+        while len(tok.tokenizer(question + "\n\n".join(answers))["input_ids"]) < n_tokens:
+            answers.append(pairs[k % len(pairs)][1])
             k += 1
-        out.append([{"role": "user", "content": "\n".join(questions)},
+        out.append([{"role": "user", "content": question},
                     {"role": "assistant", "content": "\n\n".join(answers)}])
     return out
 
@@ -106,7 +106,9 @@ def main() -> None:
         for msgs in convs:
             r = render_chat(toks[n].tokenizer, msgs)
             views[n].append(ChatTokens.from_tokenized(r, tokenize_chat(toks[n].tokenizer, r)))
-    print(f"{args.samples} chats of ~{args.tokens} tokens (Llama-3 count); CPU time per sample")
+    align_chat(views["llama3"][0], views["qwen3"][0], toks["llama3"], toks["qwen3"])  # warm-up (imports)
+    print(f"{args.samples} chats of ~{args.tokens} tokens (Llama-3 count); CPU time per sample "
+          f"(naive: one run of sample 1; pivotfuse: median of {args.repeats})")
     print(f"{'pivot':>7} {'source':>7} {'tokens':>11} {'naive s':>8} {'cold ms':>8} {'warm ms':>8} "
           f"{'ratio cold':>10} {'ratio warm':>10} {'cost=':>5} {'exact':>6} {'mapped':>6} {'none':>6}")
     ratios, warm_ratios = {}, {}
@@ -121,21 +123,23 @@ def main() -> None:
             t_naive = time.process_time() - t0
             ours = sum(align_mod.align_tokens(a, b, ao, bo).cost
                        for (a, ao), (b, bo) in zip(reply_texts(pv[0], toks[p]), reply_texts(sv[0], toks[s])))
-            align_mod._CACHE.clear()
-            t0 = time.process_time()
-            align_chat(pv[0], sv[0], toks[p], toks[s])
-            t_cold = time.process_time() - t0
+            cold = []
+            for _ in range(args.repeats):
+                align_mod._CACHE.clear()
+                t0 = time.process_time()
+                align_chat(pv[0], sv[0], toks[p], toks[s])
+                cold.append(time.process_time() - t0)
             builder, cov = VocabMapBuilder(toks[p], toks[s]), Coverage()
-            t_warm, runs = 0.0, 0
-            for k in range(args.samples):
-                for _ in range(args.repeats):
-                    t0 = time.process_time()
-                    al = align_chat(pv[k], sv[k], toks[p], toks[s])
-                    t_warm += time.process_time() - t0
-                    runs += 1
+            for k in range(args.samples):  # every sample once (warms the cache), for coverage
+                al = align_chat(pv[k], sv[k], toks[p], toks[s])
                 builder.add(al, pv[k].ids, sv[k].ids)
                 cov.add(al, pv[k].ids, sv[k].ids)
-            t_warm /= runs
+            warm = []
+            for _ in range(args.repeats):
+                t0 = time.process_time()
+                align_chat(pv[0], sv[0], toks[p], toks[s])
+                warm.append(time.process_time() - t0)
+            t_cold, t_warm = statistics.median(cold), statistics.median(warm)
             rep = cov.report(builder.build().mapping)
             ratios[(p, s)], warm_ratios[(p, s)] = t_naive / t_cold, t_naive / t_warm
             print(f"{p:>7} {s:>7} {len(pv[0].ids):>5}×{len(sv[0].ids):<5} {t_naive:8.2f} {t_cold * 1e3:8.2f} "
