@@ -184,7 +184,7 @@ def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: lis
     writer.write_index()
     summary = {
         "out": str(out_p), "method": config.method, "config": dataclasses.asdict(config),
-        "base": str(base_r.folder), "models": [str(r.folder) for r in readers],
+        "base": str(base_r.folder.resolve()), "models": [str(r.folder.resolve()) for r in readers],
         "tensors": len(items), "params": sum(int(torch.Size(it.shape).numel()) for it in items),
         "resumed": len(items) - len(todo), "copied": copy_aux_files(base_r.folder, tmp, config.dtype),
         "seconds": {**{key: round(v, 3) for key, v in secs.items()},
