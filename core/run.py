@@ -165,8 +165,9 @@ def write_run_report(recipe: Recipe, eval_dir: Path, models: dict[str, str], mer
     from evals.report import build_table, plot
 
     out = Path(recipe.out)
-    judge = recipe.eval.judge.split("=", 1)[0] if recipe.eval.judge and "=" in recipe.eval.judge else None
-    md, data = build_table(eval_dir, list(models), judge=judge if judge else None)
+    spec = recipe.eval.judge
+    judge = spec.split("=", 1)[0] if spec and "=" in spec else ("reference" if spec == "reference" else None)
+    md, data = build_table(eval_dir, list(models), judge=judge)
     lines = [f"# pivotfuse run: {out}", "", md]
     loss = data["loss"]
     if loss:
