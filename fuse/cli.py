@@ -78,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     target = fuse_source(recipe, name)
     import json
 
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0
     report = json.loads((target / "fusion_report.json").read_text())
     b, a = report["loss_before"], report["loss_after"]
     print(f"fuse: {report['target']}: loss {b.get('loss', float('nan')):.4f} -> {a.get('loss', float('nan')):.4f} "

@@ -8,10 +8,13 @@ pivot's scored assistant tokens; row t is the distribution that predicts pivot t
   logsumexp** (their probability mass adds up; FuseChat keeps only the first, which discards
   mass the source did put on that string). Rows are re-sorted, padded with id −1 / log-prob −inf.
 * `TeacherView` is one teacher seen at the pivot's positions; a source view has `aligned[t]`
-  False where it has no distribution for pivot position t (see `pipeline` for how positions
-  are paired). `fill_unaligned` replaces those rows by the **fallback**: the pivot's own
-  distribution (default: the target there is what the pivot would predict anyway, so the
-  student is not pulled towards a guess) or a one-hot on the gold token (FuseChat's choice).
+  False where it has no distribution for pivot position t (see `fuse.positions` for how
+  positions are paired). `fill_unaligned` replaces those rows by the **fallback**: a one-hot on
+  the gold token (the recipe default, FuseChat's choice) or the pivot's own distribution. Gold is
+  the default because the fallback matters only where the source won MinCE, i.e. where the
+  pivot's distribution was judged the worse one: copying it there pulls the student back towards
+  the untrained pivot (on the demo world's `strings` source, whose tokens pair with only 91% of the
+  pivot's positions, fallback `pivot` made T_strings worse than pivot-CLM and `gold` better).
 * `mince` (default, per sequence), `avgce` (per-sequence weights softmax(−CE)) and
   `mince_token` (per position) combine a pivot view and a source view.
 
@@ -147,7 +150,7 @@ def fill_unaligned(source: TeacherView, pivot: TeacherView, gold_ids: np.ndarray
 
 
 def mince(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k: int,
-          fallback: str = "pivot") -> FusedTargets:
+          fallback: str = "gold") -> FusedTargets:
     """Per sequence: the teacher with the lower CE per character is the target everywhere.
 
     Ties go to the pivot. When the source wins, its unaligned positions take the fallback.
@@ -164,7 +167,7 @@ def mince(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k: int,
 
 
 def avgce(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k: int,
-          fallback: str = "pivot") -> FusedTargets:
+          fallback: str = "gold") -> FusedTargets:
     """Per sequence weights w = softmax(−[CE_pivot, CE_source]); target = w_p·P + w_s·S, top-k.
 
     (FuseLLM's AvgCE.) At unaligned positions S is the fallback distribution.
@@ -182,7 +185,7 @@ def avgce(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k: int,
 
 
 def mince_token(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k: int,
-                fallback: str = "pivot") -> FusedTargets:
+                fallback: str = "gold") -> FusedTargets:
     """Per position: the teacher whose gold-token NLL per character is lower (ties → pivot).
 
     Unaligned positions compare the pivot with the fallback (the pivot itself: a tie, so the
@@ -204,7 +207,7 @@ METHODS = {"mince": mince, "avgce": avgce, "mince_token": mince_token}
 
 
 def fuse_sequence(method: str, pivot: TeacherView, source: TeacherView | None, gold_ids: np.ndarray, k: int,
-                  fallback: str = "pivot") -> FusedTargets:
+                  fallback: str = "gold") -> FusedTargets:
     """Dispatch by name; with no source (a one-teacher run) the target is the pivot's own."""
     if source is None:
         ids, lp = _fit(pivot.ids, pivot.logprobs, k)

@@ -121,6 +121,8 @@ class FuseTrainer(SFTTrainer):
             loss = loss * self.accelerator.num_processes
         sums = torch.stack([out.ce_sum.float(), out.kd_sum.float(), out.n_tokens.float(), out.n_targets.float()])
         ce, kd, n, n_t = self.accelerator.gather_for_metrics(sums.unsqueeze(0)).sum(0).tolist()
+        if mode == "eval":  # token-weighted totals for `evaluate_losses`
+            self.eval_totals = [a + b for a, b in zip(getattr(self, "eval_totals", [0.0] * 4), (ce, kd, n, n_t))]
         if n > 0:
             self._metrics[mode]["ce_gold"].append(ce / n)
             self._metrics[mode]["ce_fused"].append(kd / n)
@@ -161,6 +163,9 @@ def training_args(cfg: FuseConfig, output_dir: str, on_gpu: bool, bf16_ok: bool)
         prediction_loss_only=True,
         dataloader_num_workers=0,
         disable_tqdm=False,
+        # Without an accelerator, say so: only then does a multi-process launch train with DDP
+        # over gloo (else each CPU process would train alone).
+        use_cpu=torch.accelerator.current_accelerator() is None,
     )
 
 
@@ -187,10 +192,14 @@ def _copy_tokenizer_files(src: Path, dst: Path) -> None:
 
 
 def _evaluate(trainer: FuseTrainer, dataset: Any) -> dict[str, float]:
-    """Mean fusion loss / gold CE / fused CE per batch over `dataset` (no training)."""
-    metrics = trainer.evaluate(eval_dataset=dataset, metric_key_prefix="eval")
-    return {k.removeprefix("eval_"): float(v) for k, v in metrics.items()
-            if k in ("eval_loss", "eval_ce_gold", "eval_ce_fused", "eval_target_coverage")}
+    """Fusion loss, gold CE and fused-target CE per labelled token over `dataset` (token-weighted,
+    all ranks), and the share of tokens with a fused target."""
+    trainer.eval_totals = [0.0] * 4
+    trainer.evaluate(eval_dataset=dataset, metric_key_prefix="eval")
+    ce, kd, n, n_t = trainer.eval_totals
+    n = max(n, 1.0)
+    return {"loss": (trainer.lam * ce + (1 - trainer.lam) * kd) / n, "ce_gold": ce / n, "ce_fused": kd / n,
+            "target_coverage": n_t / n, "tokens": int(n)}
 
 
 def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, work_dir: str,
