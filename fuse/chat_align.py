@@ -24,7 +24,7 @@ logit store keeps them (`TeacherRecord.token_ids` / `.spans`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
