@@ -126,6 +126,8 @@ def main() -> None:
                     best[tool] = (wall, rss, out)
         split = re.search(r"read ([\d.]+)s, compute ([\d.]+)s, write ([\d.]+)s", best["pivotfuse"][2])
         diff = call_helper("diff", str(out_mk), str(out_pf))["diff"]
+        for out in (out_mk, out_pf):  # the inputs stay cached for the next run; outputs go
+            shutil.rmtree(out, ignore_errors=True)
         rows.append((dtype, "mergekit", *best["mergekit"][:2], None, None))
         rows.append((dtype, "pivotfuse", *best["pivotfuse"][:2], split.groups() if split else None, diff))
         key = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
