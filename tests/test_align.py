@@ -198,3 +198,44 @@ def test_cheap_paths_agree_with_full_dp_on_long_text(toks):
 
 def test_pairs_list_is_complete():
     assert len(PAIRS) == 12 and len(set(itertools.permutations(NAMES, 2))) == 12
+
+
+def test_chat_alignment_by_reply(toks):
+    """Two renderings of one chat (different templates): reply tokens are aligned inside their
+    reply, template tokens are not, end-of-turn tokens pair up."""
+    from core.chat import render_chat, tokenize_chat
+    from fuse.chat_align import ChatTokens, align_chat
+    from world.tokenizers import LLAMA2
+
+    msgs = [{"role": "user", "content": "Add 1234 and 5678, please."},
+            {"role": "assistant", "content": "1234 + 5678 = 6912.\n\tDone — café 😀 日本語."},
+            {"role": "user", "content": "Thanks!"},
+            {"role": "assistant", "content": "You're welcome!"}]
+
+    def view(name: str) -> ChatTokens:
+        tok = toks[name].tokenizer
+        r = render_chat(tok, msgs, None if tok.chat_template else LLAMA2)
+        return ChatTokens.from_tokenized(r, tokenize_chat(tok, r))
+
+    for p, s, eot in (("qwen3", "gemma3", 2), ("llama2", "qwen3", 2), ("gemma3", "llama2", 2)):
+        pv, sv = view(p), view(s)
+        al = align_chat(pv, sv, toks[p], toks[s])
+        assert al.end_of_turn == eot
+        for t in range(al.n):
+            partners = al.sources(t)
+            if al.turn[t] < 0:
+                assert not len(partners), (p, s, t)  # template-only token
+                continue
+            r = al.turn[t]
+            (ps, pe), (ss, se) = pv.assistant_spans[r], sv.assistant_spans[r]
+            assert len(partners)
+            if int(pv.ids[t]) in toks[p].special_ids:  # the end-of-turn token: paired with the other's
+                assert len(partners) == 1 and int(sv.ids[partners[0]]) in toks[s].special_ids
+                continue
+            for j in partners.tolist():  # same reply, overlapping in reply coordinates
+                a0, a1 = pv.offsets[t] - ps
+                b0, b1 = sv.offsets[j] - ss
+                assert sv.offsets[j][1] > ss and sv.offsets[j][0] < se  # inside (or straddling) reply r
+                assert max(a0, b0) < min(a1, b1)
+        texts = {t: toks[p].text(int(pv.ids[t])) for t in range(al.n)}
+        assert any(texts[t] == "!" and al.exact[t] for t in texts)  # shared tokens are exact
