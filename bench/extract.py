@@ -1,7 +1,7 @@
 """Teacher extraction throughput against a bare forward pass of the same model and batches, and store size.
 
-    python bench/extract.py [--model DIR] [--data FILE] [--n 24] [--hidden 512] [--layers 8]
-                            [--top-k 10] [--batch-size 8] [--max-length 1024] [--repeats 3]
+    python bench/extract.py [--model DIR] [--data FILE] [--n 32] [--hidden 512] [--layers 8]
+                            [--top-k 10] [--batch-size 8] [--max-length 1024] [--repeats 2]
 
 Without --model it builds a Llama (real Llama-2 32k tokenizer, [INST] template) of the given size;
 without --data a synthetic multi-turn chat corpus. Both variants see the same tokenised, length-sorted
@@ -11,7 +11,9 @@ batches and the same device/dtype:
   extract   the whole `pivotfuse extract` shard loop: render + tokenise, forward with the logits of
             scored positions only, float32 log-softmax / top-k / gold, fp16 records, Arrow write + fsync
 
-They alternate `--repeats` times (machine noise hits both alike); the best time of each is compared.
+They alternate shard by shard, `--repeats` rounds; per shard the best time of each counts (paired,
+adjacent timings keep a busy machine's noise out of the ratio). The self-check of the first batch
+and model loading are outside the timed loop.
 Tokens/s counts the real (unpadded) tokens fed to the model. Bytes per scored token: the store's
 shard files over the scored tokens, against FuseChat's layout (fp16 logits + int64 ids for every
 position padded to the max length). Last line: `RESULT extract vs_forward=<ratio> bytes_per_token=<n>`.
@@ -33,12 +35,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import fuse.extract as fx  # noqa: E402
 from core.chat import load_conversations  # noqa: E402
 from fuse.extract_score import score_batch  # noqa: E402, F401  (imported before timing starts)
-from fuse.store import LogitStore  # noqa: E402
+from fuse.store import LogitStore, StoreWriter, read_manifest  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared/assets/tokenizers"
 INST = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
@@ -93,34 +96,13 @@ def forward_pass(model, batches: list, pad_id: int) -> float:
     return time.perf_counter() - start
 
 
-def timed_extract(cfg: fx.ExtractConfig) -> float:
-    """Seconds spent in the shard loop of one full `extract` run (setup and model loading excluded)."""
-    spent = [0.0]
-    inner = fx._extract_shard
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        inner(*args, **kwargs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        spent[0] += time.perf_counter() - start
-
-    shutil.rmtree(cfg.out, ignore_errors=True)
-    fx._extract_shard = timed
-    try:
-        fx.extract(cfg)
-    finally:
-        fx._extract_shard = inner
-    return spent[0]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model"), ap.add_argument("--data")
-    ap.add_argument("--n", type=int, default=24, help="synthetic conversations")
+    ap.add_argument("--n", type=int, default=32, help="synthetic conversations")
     ap.add_argument("--hidden", type=int, default=512), ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=10), ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-length", type=int, default=1024), ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-length", type=int, default=1024), ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default="auto", choices=fx.DTYPES)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
@@ -133,33 +115,51 @@ def main() -> None:
             build_data(data, args.n)
         cfg = fx.ExtractConfig(model=str(model_dir), data=str(data), out=str(tmp / "store"), top_k=args.top_k,
                                batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype,
-                               shard_size=32)
-        # The exact batches the extraction loop forms, for the bare forward pass.
+                               shard_size=2 * args.batch_size)  # timing units of two batches
         from accelerate import PartialState
+        from tqdm import tqdm
 
+        # The store as the command writes it (default shard size) gives the bytes; a store with small shards
+        # gives the timing units (its shards are rewritten below).
+        sized = fx.ExtractConfig(**{**cfg.__dict__, "out": str(tmp / "sized"), "shard_size": 256})
+        fx.extract(sized)
+        fx.extract(cfg)
+        writer = StoreWriter(Path(cfg.out), read_manifest(Path(cfg.out)))
         tok = fx.load_tokenizer(cfg.model)
         template = fx.resolve_template(tok, cfg)
         convs = load_conversations(cfg.data)
-        batches, stats = [], Counter()
-        for lo in range(0, len(convs), cfg.shard_size):
-            items = [p for i in range(lo, min(lo + cfg.shard_size, len(convs)))
-                     if (p := fx.prepare(i, convs[i], tok, template, cfg.max_length, stats)) is not None]
-            batches += fx.length_batches(items, cfg.batch_size)
+        shards = []  # per shard: the exact batches the extraction loop forms, for the bare forward
+        for s in range(writer.manifest["n_shards"]):
+            items = [p for i in writer.shard_rows(s)
+                     if (p := fx.prepare(i, convs[i], tok, template, cfg.max_length, Counter())) is not None]
+            shards.append(fx.length_batches(items, cfg.batch_size))
+        batches = [b for sh in shards for b in sh]
         tokens = sum(len(p.ids) for b in batches for p in b)
         padded = sum(len(b) * max(len(p.ids) for p in b) for b in batches)
         model = fx.load_model(cfg.model, fx.resolve_dtype(cfg.dtype), PartialState())
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        forward_pass(model, batches[:1], pad_id)  # warm-up
-        t_fwd, t_ext = [], []
-        for _ in range(args.repeats):
-            t_fwd.append(forward_pass(model, batches, pad_id))
-            t_ext.append(timed_extract(cfg))
-        store = LogitStore(cfg.out)
+        # Shard by shard, forward then extraction (rewriting the same shard), `repeats` rounds; per shard
+        # the best time of each: adjacent, paired timings keep a busy machine's noise out of the ratio.
+        t_fwd = np.full((args.repeats, len(shards)), np.inf)
+        t_ext = np.full((args.repeats, len(shards)), np.inf)
+        quiet = tqdm(disable=True)
+        forward_pass(model, shards[0][:1], pad_id)  # warm-up; and the scoring path's one-off self-check
+        fx._extract_shard(writer, 0, convs, model, tok, template, cfg, quiet)
+        for r in range(args.repeats):
+            for s, sh in enumerate(shards):
+                t_fwd[r, s] = forward_pass(model, sh, pad_id)
+                start = time.perf_counter()
+                fx._extract_shard(writer, s, convs, model, tok, template, cfg, quiet)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                t_ext[r, s] = time.perf_counter() - start
+        writer.finalize()
+        store = LogitStore(sized.out)
         scored = store.stats["scored_tokens"]
         size = store.nbytes()
         table = store.dataset().data.table
         fusechat = len(store) * args.max_length * (2 + 8) * args.top_k
-        fwd, ext = tokens / min(t_fwd), tokens / min(t_ext)
+        fwd, ext = tokens / t_fwd.min(0).sum(), tokens / t_ext.min(0).sum()
         device = model.get_input_embeddings().weight.device
         print(f"model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
               f"vocab {len(tok)}, {next(model.parameters()).dtype}, {device}); {len(store)} conversations, "
