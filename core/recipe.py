@@ -63,6 +63,14 @@ class Recipe:
     fuse: FuseConfig = field(default_factory=FuseConfig, help="pairwise fusion: targets, loss, training of each T_k")
     align: AlignConfig = field(default_factory=AlignConfig, help="token/vocabulary alignment of each source onto the pivot")
 
+    def validate(self) -> None:
+        taken = {self.models.pivot.name, "pivot-clm", *(s.name for s in self.models.sources),
+                 *("T_" + s.name for s in self.models.sources)}
+        for spec in self.merge:
+            if spec.name in taken:
+                raise ValueError(f"merge: name {spec.name!r} is used twice (models, targets and merges share one table)")
+            taken.add(spec.name)
+
     def world_path(self, ref: str) -> str:
         """Resolve `world:NAME` to the file or folder inside the world's build folder."""
         if not ref.startswith("world:"):

@@ -101,6 +101,8 @@ def test_recipe_errors(tmp_path):
     p = _yaml(tmp_path, base.replace('{name: facts', '{name: arith'))
     with pytest.raises(PivotfuseError, match="duplicate model name 'arith'"):
         load_recipe(p)
+    with pytest.raises(PivotfuseError, match="merge: name 'ties' is used twice"):
+        load_recipe(REPO / "recipes" / "demo.yaml", ["merge.5.name=ties"])
     with pytest.raises(PivotfuseError, match="'world.train_steps: must be > 0"):
         load_recipe(REPO / "recipes" / "demo.yaml", ["world.train_steps=0"])
 
