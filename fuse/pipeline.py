@@ -156,11 +156,16 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     if s_store is not None:
         with state.main_process_first():  # the main process builds the map, the others read it
             vmap, vmap_info = _vocab_map(recipe, pivot, source, data)
-    settings = {k: getattr(cfg, k) for k in ("method", "top_k", "fallback", "translate")}
+    # Fingerprints hold what changes the result: not logging/saving cadence, and for pivot-CLM
+    # (λ = 1) not the settings of the fusion term either.
+    target_only = ("method", "top_k", "fallback", "translate", "temperature")
+    settings = {k: getattr(cfg, k) for k in target_only} if s_store is not None else {}
     rows_fp = _sha({"version": ROWS_VERSION, "pivot": p_store.manifest["fingerprint"],
                     "source": s_store.manifest["fingerprint"] if s_store else None,
                     "vocab": vmap_info.get("fingerprint"), **settings})
-    fingerprint = _sha({"rows": rows_fp, "fuse": to_dict(cfg), "samples": report_samples})
+    ignore = {"save_steps", "save_total_limit", "logging_steps"} | (set(target_only) if s_store is None else set())
+    fingerprint = _sha({"rows": rows_fp, "samples": report_samples,
+                        "fuse": {k: v for k, v in to_dict(cfg).items() if k not in ignore}})
     report_file = target / "fusion_report.json"
     if report_file.is_file() and json.loads(report_file.read_text()).get("fingerprint") == fingerprint:
         return target  # already trained with these inputs and settings
