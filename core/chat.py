@@ -8,6 +8,7 @@ sees the same text and the same assistant mask.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -134,13 +135,24 @@ def write_conversations(convs: Iterable[Conversation], path: str | Path) -> None
     tmp.replace(path)
 
 
+def end_of_turn_tokens(tokenizer: Any) -> list[str]:
+    """Special tokens that close an assistant turn: EOS, and special tokens named like an end of
+    turn (`<|eot_id|>` of Llama-3, `<|im_end|>`, `<end_of_turn>`, `<|end|>`), longest first."""
+    eos = getattr(tokenizer, "eos_token", None)
+    specials = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    specials |= {t.content for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()
+                 if getattr(t, "special", False)}
+    named = {t for t in specials if re.search(r"eot|end_of_turn|im_end|^<\|end\|>$", t.lower())}
+    return sorted({eos} | named if eos else named, key=len, reverse=True)
+
+
 def render_chat(tokenizer: Any, messages: list[dict[str, str]], chat_template: str | None = None,
                 add_generation_prompt: bool = False) -> RenderedChat:
     """Render with the tokenizer's (or the given) chat template and locate assistant replies.
 
     Each assistant content is searched for in order in the rendered text (templates may
-    strip it); the span is extended over the EOS token when it follows (after at most one
-    space, as in Llama-2's `{{ content }} </s>`), so a model learns to end its turn.
+    strip it); the span is extended over the end-of-turn token when one follows (after at
+    most one space, as in Llama-2's `{{ content }} </s>`), so a model learns to end its turn.
     """
     template = chat_template or getattr(tokenizer, "chat_template", None)
     name = getattr(tokenizer, "name_or_path", "tokenizer")
@@ -153,7 +165,7 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], chat_template: s
         raise PivotfuseError(f"{name}: chat template failed to render: {e}") from None
     spans: list[tuple[int, int]] = []
     pos = 0
-    eos = getattr(tokenizer, "eos_token", None)
+    enders = end_of_turn_tokens(tokenizer)
     for m in messages:
         content = m["content"].strip()
         if not content:
@@ -167,11 +179,11 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], chat_template: s
         pos = end
         if m["role"] != "assistant":
             continue
-        if eos:
-            for gap in ("", " "):
-                if text.startswith(gap + eos, end):
-                    end += len(gap) + len(eos)
-                    break
+        for gap in ("", " "):
+            hit = next((t for t in enders if text.startswith(gap + t, end)), None)
+            if hit:
+                end += len(gap) + len(hit)
+                break
         spans.append((start, end))
         pos = end
     return RenderedChat(text=text, assistant_spans=spans)

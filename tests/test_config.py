@@ -118,3 +118,21 @@ def test_cli_one_line_error(tmp_path):
 def test_cli_help_lists_commands():
     r = subprocess.run([sys.executable, str(REPO / "cli.py"), "--help"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0 and "world" in r.stdout
+
+
+def test_assistant_span_ends_with_the_end_of_turn_token(tokenizer_dirs):
+    """Llama-3 closes a turn with <|eot_id|>, not its EOS <|end_of_text|>: the span must hold it."""
+    from transformers import AutoTokenizer
+
+    from core.chat import render_chat, tokenize_chat
+
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."},
+            {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
+    want = {"llama3": "<|eot_id|>", "qwen3": "<|im_end|>", "gemma3": "<end_of_turn>"}
+    for name, ender in want.items():
+        tok = AutoTokenizer.from_pretrained(tokenizer_dirs[name])
+        r = render_chat(tok, msgs)
+        assert [r.text[s:e] for s, e in r.assistant_spans] == [f"Hello there.{ender}", f"See you.{ender}"], name
+        t = tokenize_chat(tok, r)
+        marked = [tok.convert_ids_to_tokens(i) for i, a in zip(t.input_ids, t.assistant) if a]
+        assert marked.count(ender) == 2 and "user" not in "".join(marked), (name, marked)

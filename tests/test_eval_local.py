@@ -104,14 +104,15 @@ def _naive_bits_per_byte(model_dir, convs):
         text = tok.apply_chat_template(conv.messages, tokenize=False)
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
-        # assistant tokens: inside a reply or its following EOS; found by hand from the text
+        # assistant tokens: inside a reply or its following end-of-turn token (EOS, or Llama-3's
+        # <|eot_id|>, which is not its EOS); found by hand from the text
         spans, pos = [], 0
         for m in conv.messages:
             start = text.find(m["content"], pos)
             pos = start + len(m["content"])
             if m["role"] == "assistant":
-                end = pos + len(tok.eos_token) if text.startswith(tok.eos_token, pos) else pos
-                spans.append((start, end))
+                ender = next((t for t in (tok.eos_token, "<|eot_id|>") if text.startswith(t, pos)), "")
+                spans.append((start, pos + len(ender)))
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
         total = 0.0
         for t in range(1, len(ids)):
