@@ -53,6 +53,8 @@ from typing import Sequence
 
 import editdistance
 import numpy as np
+from rapidfuzz.distance import Levenshtein
+from rapidfuzz.process import cdist
 
 _ed = editdistance.eval
 
@@ -142,7 +144,11 @@ def overlap_groups(pairs: np.ndarray, a_off: np.ndarray, b_off: np.ndarray) -> n
     kept = pairs[share]
     kept = np.concatenate([kept, _attach(kept, 0, a_off, b_off)])
     kept = np.concatenate([kept, _attach(kept, 1, b_off, a_off)])
-    return np.unique(kept.astype(np.int64), axis=0)
+    kept = kept.astype(np.int64)
+    # np.unique(axis=0) sorts rows as structured records (slow); one integer key per pair sorts the same
+    width = int(kept[:, 1].max()) + 1 if len(kept) else 1
+    key = np.unique(kept[:, 0] * width + kept[:, 1])
+    return np.stack([key // width, key % width], axis=1)
 
 
 _CACHE: dict[tuple[str, str], int] = {}
@@ -171,49 +177,80 @@ def ed(x: str, y: str) -> int:
     return v
 
 
-def _rect(a: Sequence[str], b: Sequence[str], r0: int, c0: int, r1: int, c1: int) -> tuple[int, list[tuple[int, int]]]:
-    """Exact DP over rows r0..r1 × cols c0..c1 from (r0, c0) to (r1, c1).
+def _costs(a: Sequence[str], b: Sequence[str], r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+    """(R, C) edit distances of a window's pivot × source tokens, in one vectorised call.
 
-    Returns (cost of the path's cells after the start cell, those cells in order).
+    `rapidfuzz.process.cdist` computes the same Levenshtein distance as `editdistance.eval` (code
+    points, unit costs), all cells in C: no Python call per cell.
     """
-    cols = c1 - c0 + 1
-    # Edit distances per distinct (row string, column string): windows repeat tokens.
-    col_ids: dict[str, int] = {}
-    bcode = [col_ids.setdefault(x, len(col_ids)) for x in b[c0:c1 + 1]]
-    ucols = list(col_ids)
-    by_row: dict[str, list[int]] = {}
+    return cdist(list(a[r0:r1 + 1]), list(b[c0:c1 + 1]), scorer=Levenshtein.distance, dtype=np.int64)
 
-    def costs(s: str) -> list[int]:
-        d = by_row.get(s)
-        if d is None:
-            d = [ed(s, y) for y in ucols]
-            d = by_row[s] = [d[k] for k in bcode]
-        return d
 
-    cost = costs(a[r0])
-    row = [0] * cols
-    acc = 0
-    for j in range(1, cols):
-        acc += cost[j]
-        row[j] = acc
-    rows = [row]
-    for i in range(r0 + 1, r1 + 1):
-        cost, prev = costs(a[i]), row
-        row = [0] * cols
-        left = row[0] = prev[0] + cost[0]
-        for j in range(1, cols):
-            best = prev[j - 1]
-            up = prev[j]
-            if up < best:
-                best = up
-            if left < best:
-                best = left
-            left = row[j] = best + cost[j]
-        rows.append(row)
-    # Back-trace, tie rule: diagonal, then down (i-1), then right (j-1).
-    i, j, path = r1 - r0, cols - 1, []
+def _sweep(mats: list[np.ndarray]) -> list[np.ndarray]:
+    """Cumulative costs of windows' cost matrices: D[0, 0] = 0 (the start cell is not counted),
+    D[i, j] = c[i, j] + min(D[i-1, j-1], D[i-1, j], D[i, j-1]).
+
+    All windows at once, one numpy row at a time. The recurrence is symmetric, so each window is
+    swept along its shorter side. Windows lie side by side, most rows first (the windows still
+    active at row i are a prefix), each after a separator column of cost `big` (more than any
+    window's total). With S the row's prefix sums and m[j] = min(D[i-1, j-1], D[i-1, j]), a row is
+    D[i, j] = S[j] + min_{k<=j} (m[k] - S[k-1]): one cumulative minimum. Any k left of a separator
+    adds `big` to the sum, so the minimum never reaches across. Integer-exact.
+    """
+    flip = [x.shape[0] > x.shape[1] for x in mats]
+    ms = [x.T if f else x for x, f in zip(mats, flip)]  # (R, C) with R <= C
+    order = sorted(range(len(ms)), key=lambda k: -ms[k].shape[0])
+    out: list[np.ndarray] = [None] * len(ms)  # type: ignore[list-item]
+    groups: list[list[int]] = []
+    rows_g = cols_g = cells_g = 0
+    for k in order:  # bound the padding (rows of the first window × all columns) to ~4× the cells
+        r, c = ms[k].shape
+        if groups and rows_g * (cols_g + c + 1) <= 4 * (cells_g + r * c) + (1 << 16):
+            groups[-1].append(k)
+            cols_g, cells_g = cols_g + c + 1, cells_g + r * c
+        else:
+            groups.append([k])
+            rows_g, cols_g, cells_g = r, c + 1, r * c
+    for g in groups:
+        rs = np.array([ms[k].shape[0] for k in g])
+        ws = np.array([ms[k].shape[1] for k in g]) + 1  # with the separator
+        ends = np.cumsum(ws)
+        starts = ends - ws + 1  # first column of each window
+        cost = np.zeros((int(rs[0]), int(ends[-1])), dtype=np.int64)  # (R, L)
+        for k, s in zip(g, starts.tolist()):
+            r, c = ms[k].shape
+            cost[:r, s:s + c] = ms[k]
+        cost[0, starts] = 0  # start cells
+        big = int(cost.sum()) + 1
+        cost[:, starts - 1] = big
+        acc = np.cumsum(cost, axis=1)  # (R, L) S
+        shift = acc - cost  # (R, L) S[k-1]
+        live = (rs[None, :] > np.arange(len(cost))[:, None]).sum(1)  # (R,) windows with row i
+        d = np.empty_like(cost)
+        d[:, 0] = big  # the first separator (the rows below never write it)
+        d[0] = acc[0] - np.repeat(acc[0, starts], ws)
+        d[0, starts - 1] = big
+        for i in range(1, len(cost)):
+            width = int(ends[int(live[i]) - 1])
+            p = d[i - 1, :width]
+            t = np.minimum(p[:-1], p[1:])
+            t -= shift[i, 1:width]
+            np.minimum.accumulate(t, out=t)
+            t += acc[i, 1:width]
+            d[i, 1:width] = t
+        for k, s in zip(g, starts.tolist()):
+            r, c = ms[k].shape
+            w = d[:r, s:s + c]
+            out[k] = w.T if flip[k] else w
+    return out
+
+
+def _trace(rows: list[list[int]], r0: int, c0: int) -> list[int]:
+    """Back-trace of a window's cumulative costs from its end to its start (start excluded), as
+    flat (row, col) pairs in path order. Tie rule: diagonal, then down (i-1), then right (j-1)."""
+    i, j, path = len(rows) - 1, len(rows[0]) - 1, []
     while i or j:
-        path.append((r0 + i, c0 + j))
+        path += (c0 + j, r0 + i)
         if i and j:
             d, u, lft = rows[i - 1][j - 1], rows[i - 1][j], rows[i][j - 1]
             if d <= u and d <= lft:
@@ -227,15 +264,18 @@ def _rect(a: Sequence[str], b: Sequence[str], r0: int, c0: int, r1: int, c1: int
         else:
             j -= 1
     path.reverse()
-    return rows[-1][-1], path
+    return path
 
 
 def _cheap(a: Sequence[str], b: Sequence[str], p: tuple[int, int], theta: int) -> bool:
     """Is anchor p within edit distance `theta` of a neighbouring token (repetitive text)?"""
     i, j = p
     s = a[i]
-    return ((j > 0 and ed(s, b[j - 1]) <= theta) or (j + 1 < len(b) and ed(s, b[j + 1]) <= theta)
-            or (i > 0 and ed(a[i - 1], s) <= theta) or (i + 1 < len(a) and ed(a[i + 1], s) <= theta))
+    ls = len(s)  # the edit distance is at least the length difference: most neighbours end there
+    return ((j > 0 and abs(len(x := b[j - 1]) - ls) <= theta and ed(s, x) <= theta)
+            or (j + 1 < len(b) and abs(len(x := b[j + 1]) - ls) <= theta and ed(s, x) <= theta)
+            or (i > 0 and abs(len(x := a[i - 1]) - ls) <= theta and ed(x, s) <= theta)
+            or (i + 1 < len(a) and abs(len(x := a[i + 1]) - ls) <= theta and ed(x, s) <= theta))
 
 
 def _clean(offsets: np.ndarray) -> np.ndarray:
@@ -306,14 +346,14 @@ def align_tokens(a: Sequence[str], b: Sequence[str], a_off: Sequence[Sequence[in
         else:
             windows.append([lo, hi])
     cost = ed(a[plist[0][0]], b[plist[0][1]])
+    rects = [(*plist[lo], *plist[hi]) for lo, hi in windows]
+    sums = _sweep([_costs(a, b, *r) for r in rects])
     parts = [pts[:1]]
     k = 0
-    for lo, hi in windows:
+    for (lo, hi), (r0, c0, _, _), d in zip(windows, rects, sums):
         parts.append(pts[k + 1:lo + 1])  # diagonal run of anchors (cost 0) up to the window
-        (r0, c0), (r1, c1) = plist[lo], plist[hi]
-        c_win, cells = _rect(a, b, r0, c0, r1, c1)
-        cost += c_win
-        parts.append(np.asarray(cells, dtype=np.int64).reshape(-1, 2))
+        cost += int(d[-1, -1])
+        parts.append(np.array(_trace(d.tolist(), r0, c0), dtype=np.int64).reshape(-1, 2))
         k = hi
     if k < last:  # trailing run; the end point costs 0 unless it is not an anchor
         parts.append(pts[k + 1:])
