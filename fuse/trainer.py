@@ -191,6 +191,27 @@ def _copy_tokenizer_files(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
+def _last_complete_checkpoint(ckpt_dir: Path, is_main: bool) -> str | None:
+    """The newest checkpoint that was written to the end, or None.
+
+    Trainer writes `checkpoint-N` in place and `trainer_state.json` last, so a run killed while
+    saving leaves a folder without it: such folders are ignored (and removed by the main process),
+    where transformers' `get_last_checkpoint` would pick them and fail to resume.
+    """
+    import shutil
+
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((int(p.name.split("-")[1]), p) for p in ckpt_dir.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    complete = [p for _, p in found if (p / "trainer_state.json").is_file()]
+    if is_main:
+        for _, p in found:
+            if not (p / "trainer_state.json").is_file():
+                shutil.rmtree(p, ignore_errors=True)
+    return str(complete[-1]) if complete else None
+
+
 def _evaluate(trainer: FuseTrainer, dataset: Any) -> dict[str, float]:
     """Fusion loss, gold CE and fused-target CE per labelled token over `dataset` (token-weighted,
     all ranks), and the share of tokens with a fused target."""
@@ -216,7 +237,6 @@ def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, wo
 
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
     state = PartialState()
     on_gpu = state.device.type == "cuda"
@@ -246,7 +266,7 @@ def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, wo
                           lam=cfg.lam, temperature=cfg.temperature)
     eval_dataset = eval_dataset if eval_dataset is not None else dataset
     before_file = work / "loss_before.json"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = _last_complete_checkpoint(ckpt_dir, state.is_main_process)
     if before_file.is_file():
         before = json.loads(before_file.read_text())
     else:  # measured once, on the untouched pivot (a resumed run reuses it)

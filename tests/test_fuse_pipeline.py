@@ -93,11 +93,14 @@ def test_killed_run_resumes_to_the_same_target(run: dict) -> None:
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = out / "fuse/arith/checkpoints/checkpoint-8"
     deadline = time.time() + 240
-    while not ckpt.is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
+    while not (ckpt / "trainer_state.json").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
     proc.kill()  # SIGKILL: no cleanup
     proc.wait()
-    assert ckpt.is_dir() and not (out / "targets/arith").exists()
+    assert proc.returncode != 0 and ckpt.is_dir() and not (out / "targets/arith").exists()
+    partial = out / "fuse/arith/checkpoints/checkpoint-12"  # as if killed while writing a checkpoint
+    partial.mkdir(exist_ok=True)
+    (partial / "model.safetensors").write_bytes(b"truncated")
     assert main(["fuse", "--recipe", str(r), "--source", "arith"]) == 0
     report = json.loads((out / "targets/arith/fusion_report.json").read_text())
     assert report["steps"] == 16
