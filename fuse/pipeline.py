@@ -118,10 +118,12 @@ def _reset_work(work: Path, fingerprint: str, is_main: bool) -> None:
             stamp.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
 
 
-def _eos(path: str) -> str | None:
+def _eos(path: str) -> list[str]:
+    """The tokens that end an assistant turn under this model's template (as core.chat finds them)."""
+    from core.chat import end_of_turn_tokens
     from fuse.extract import load_tokenizer
 
-    return load_tokenizer(path).eos_token
+    return end_of_turn_tokens(load_tokenizer(path))
 
 
 def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int = 256) -> Path:

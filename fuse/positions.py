@@ -24,19 +24,39 @@ Two details of chat templates:
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
-from fuse.extract import content_ranges  # reply text without the end-of-turn token, per assistant span
-
 END = -1  # reply-relative key of the end-of-turn token
+Enders = str | Sequence[str] | None  # the end-of-turn token(s) of a template (core.chat.end_of_turn_tokens)
 
 
-def reply_keys(text: str, spans: np.ndarray, assistant_spans: np.ndarray, eos: str | None) -> list[tuple[int, int] | None]:
+def _enders(eos: Enders) -> list[str]:
+    items = [eos] if isinstance(eos, str) else list(eos or [])
+    return sorted((t for t in items if t), key=len, reverse=True)
+
+
+def content_ranges(text: str, assistant_spans: np.ndarray, eos: Enders) -> np.ndarray:
+    """(m, 2) reply text of each assistant span: without its end-of-turn token (any of `eos`)
+    and trailing whitespace, so the same characters under every template."""
+    enders = _enders(eos)
+    out = []
+    for s, e in np.asarray(assistant_spans, dtype=np.int64).reshape(-1, 2).tolist():
+        hit = next((t for t in enders if text.endswith(t, s, e)), None)
+        if hit:
+            e -= len(hit)
+        out.append((s, s + len(text[s:e].rstrip())))
+    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
+
+
+def reply_keys(text: str, spans: np.ndarray, assistant_spans: np.ndarray, eos: Enders) -> list[tuple[int, int] | None]:
     """Per scored token: (reply, offset in the reply's content) at a clean start, (reply, END) for
     the end-of-turn token, None where the token has no comparable position."""
     spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
     a_spans = np.asarray(assistant_spans, dtype=np.int64).reshape(-1, 2)
-    content = content_ranges(text, a_spans.tolist(), eos)
+    content = content_ranges(text, a_spans, eos)
+    enders = set(_enders(eos))
     reply = token_replies(spans, a_spans) if len(a_spans) else np.zeros(len(spans), int)
     keys: list[tuple[int, int] | None] = []
     for t, (s, e) in enumerate(spans.tolist()):
@@ -48,7 +68,7 @@ def reply_keys(text: str, spans: np.ndarray, assistant_spans: np.ndarray, eos: s
         clean = first or spans[t - 1, 1] <= s
         c0, c1 = int(content[r, 0]), int(content[r, 1])
         if s >= c1:  # past the reply text: only the end-of-turn token is comparable
-            keys.append((r, END) if eos and text[s:e] == eos else None)
+            keys.append((r, END) if text[s:e] in enders else None)
         elif clean:
             keys.append((r, max(s - c0, 0)))
         else:
@@ -82,11 +102,11 @@ def pair_positions(pivot_keys: list, source_keys: list) -> np.ndarray:
     return out
 
 
-def token_chars(text: str, spans: np.ndarray, assistant_spans: np.ndarray, eos: str | None) -> np.ndarray:
+def token_chars(text: str, spans: np.ndarray, assistant_spans: np.ndarray, eos: Enders) -> np.ndarray:
     """(n,) characters of reply text each token covers, at least 1 (end-of-turn and template
     spaces count as one): the divisor of the per-token CE per character."""
     spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-    content = content_ranges(text, np.asarray(assistant_spans).reshape(-1, 2).tolist(), eos)
+    content = content_ranges(text, assistant_spans, eos)
     out = np.ones(len(spans), dtype=np.int64)
     for c0, c1 in content.tolist():
         lo, hi = np.maximum(spans[:, 0], c0), np.minimum(spans[:, 1], c1)

@@ -17,8 +17,7 @@ import numpy as np
 
 from core.errors import PivotfuseError
 from fuse.fusion import FusedTargets, TeacherView, fuse_sequence, translate_topk
-from fuse.extract import content_ranges
-from fuse.positions import END, pair_positions, reply_keys, token_chars, token_replies
+from fuse.positions import END, Enders, content_ranges, pair_positions, reply_keys, token_chars, token_replies
 from fuse.project import PivotProjector, span_translate
 from fuse.surface import TokenText
 from fuse.store import LogitStore, TeacherRecord
@@ -82,7 +81,7 @@ class SpanTranslator:
 
     projector: PivotProjector  # text → pivot id
     source_text: TokenText  # source id → text
-    eos: tuple[str | None, str | None]
+    eos: tuple[Enders, Enders]  # end-of-turn tokens of the pivot's and the source's template
 
     def view(self, p_rec: TeacherRecord, s_rec: TeacherRecord, pair: np.ndarray, p_chars: np.ndarray,
              vocab_map: np.ndarray, k: int) -> TeacherView:
@@ -91,9 +90,9 @@ class SpanTranslator:
         p_keys = reply_keys(p_rec.text, p_rec.spans, p_rec.assistant_spans, self.eos[0])
         p_end = np.array([key is not None and key[1] == END for key in p_keys], dtype=bool)
         ids, lp = span_translate(
-            p_rec.text, p_rec.spans, content_ranges(p_rec.text, p_rec.assistant_spans.tolist(), self.eos[0]),
+            p_rec.text, p_rec.spans, content_ranges(p_rec.text, p_rec.assistant_spans, self.eos[0]),
             token_replies(p_rec.spans, p_rec.assistant_spans), p_end,
-            s_rec.text, s_rec.spans, content_ranges(s_rec.text, s_rec.assistant_spans.tolist(), self.eos[1]),
+            s_rec.text, s_rec.spans, content_ranges(s_rec.text, s_rec.assistant_spans, self.eos[1]),
             token_replies(s_rec.spans, s_rec.assistant_spans), s_rec.topk_ids,
             s_rec.topk_logprobs.astype(np.float32), s_rec.token_ids, s_rec.gold_logprobs.astype(np.float32),
             pair, self.source_text, self.projector, vocab_map, k)
@@ -137,7 +136,7 @@ def store_lookup(store: LogitStore) -> Callable[[int], TeacherRecord | None]:
 
 def fusion_rows(pivot: Iterable[TeacherRecord], source: Callable[[int], TeacherRecord | None] | None,
                 tokenizer: Any, vocab_map: np.ndarray | None, method: str, k: int, fallback: str,
-                eos: tuple[str | None, str | None], stats: FusionStats,
+                eos: tuple[Enders, Enders], stats: FusionStats,
                 span: SpanTranslator | None = None) -> Iterator[dict[str, Any]]:
     """Training rows for the pivot's records; `source(index)` gives the source's record of the same
     conversation (None: skipped by the source). `source=None`: the pivot's own targets. With

@@ -51,8 +51,15 @@ def test_pairs_on_llama3_chat_vs_llama2_inst(tokenizer_dirs):
 
 
 def test_keys_mark_end_of_turn_and_skip_split_characters(tokenizer_dirs):
+    from core.chat import end_of_turn_tokens
+
     msgs = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "a 🦜 b"}]
-    text, spans, a_spans, eos = scored(tokenizer_dirs, "llama3", L3, msgs, eos="<|eot_id|>")
+    # Llama-3 as shipped: EOS is <|end_of_text|>, the turn ends with <|eot_id|>
+    text, spans, a_spans, eos = scored(tokenizer_dirs, "llama3", L3, msgs)
+    assert eos == "<|end_of_text|>"
+    from transformers import AutoTokenizer
+
+    eos = end_of_turn_tokens(AutoTokenizer.from_pretrained(str(tokenizer_dirs["llama3"])))
     keys = reply_keys(text, spans, a_spans, eos)
     pieces = [text[a:b] for a, b in spans]
     assert keys[-1] == (0, END) and pieces[-1] == "<|eot_id|>"
