@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from core.errors import PivotfuseError
 
@@ -78,6 +78,24 @@ def _normalise(row: dict, where: str) -> tuple[list[dict[str, str]], str | None,
     return out, (str(rid) if rid is not None else None), row.get("domain")
 
 
+def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line; bad JSON names the file and line."""
+    p = Path(path)
+    if not p.is_file():
+        raise PivotfuseError(f"{p}: file not found")
+    with p.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PivotfuseError(f"{p}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise PivotfuseError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
+            yield n, obj
+
+
 def load_conversations(source: str | Path, split: str = "train", limit: int | None = None) -> list[Conversation]:
     """Load chats from a JSONL file or a `datasets` folder/name (saved with `save_to_disk`).
 
@@ -87,19 +105,7 @@ def load_conversations(source: str | Path, split: str = "train", limit: int | No
     path = Path(source)
     rows: Iterable[tuple[str, dict]]
     if path.is_file():
-        def _jsonl() -> Iterable[tuple[str, dict]]:
-            with path.open(encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise PivotfuseError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-                    if not isinstance(row, dict):
-                        raise PivotfuseError(f"{path}:{n}: expected a JSON object")
-                    yield f"{path}:{n}", row
-        rows = _jsonl()
+        rows = ((f"{path}:{n}", row) for n, row in read_jsonl(path))
     elif path.is_dir():
         import datasets
 

@@ -10,34 +10,16 @@ our wording, FastChat's semantics (same placeholders, the four roles, `[[rating]
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from core.chat import read_jsonl
 from core.errors import PivotfuseError
 
 # judge role -> FastChat prompt name (gen_judgment.make_judge_single)
 FASTCHAT_SINGLE_PROMPTS = {"default": "single-v1", "math": "single-math-v1",
                            "default-mt": "single-v1-multi-turn", "math-mt": "single-math-v1-multi-turn"}
 _PROMPT_KEYS = ("name", "type", "system_prompt", "prompt_template", "output_format")
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; bad JSON names the line."""
-    p = Path(path)
-    if not p.is_file():
-        raise PivotfuseError(f"{p}: file not found")
-    with p.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PivotfuseError(f"{p}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise PivotfuseError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
 
 
 def _str_list(value: Any, where: str, key: str) -> list[str]:
