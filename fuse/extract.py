@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from core.chat import Conversation, load_conversations, render_chat, tokenize_chat
+from core.chat import Conversation, end_of_turn_tokens, load_conversations, render_chat, tokenize_chat
 from core.config import field
 from core.errors import PivotfuseError
+from fuse.positions import Enders, content_ranges
 from fuse.store import StoreWriter, TeacherRecord, int_type
 
 log = logging.getLogger(__name__)
@@ -174,18 +175,7 @@ def _covered(text: str, spans: np.ndarray, within: np.ndarray) -> tuple[int, int
                                    + (codes >= 0x10000).sum())  # UTF-8 length of each code point
 
 
-def content_ranges(text: str, assistant_spans: list[tuple[int, int]], eos: str | None) -> np.ndarray:
-    """Assistant spans without their end-of-turn token: the reply text itself, the same characters
-    under every tokenizer and template (so CE per character compares models)."""
-    out = []
-    for s, e in assistant_spans:
-        if eos and text.endswith(eos, s, e):
-            e -= len(eos)
-        out.append((s, s + len(text[s:e].rstrip())))  # replies are matched stripped: what follows is the gap
-    return np.asarray(out, dtype=np.int64).reshape(-1, 2)
-
-
-def to_record(p: _Prepared, scores: Any, eos: str | None) -> TeacherRecord:
+def to_record(p: _Prepared, scores: Any, eos: Enders) -> TeacherRecord:
     gold_ids = np.asarray(p.ids)[p.gold_pos]
     spans = p.offsets[p.gold_pos]
     n_chars, n_bytes = _covered(p.text, spans, content_ranges(p.text, p.assistant_spans, eos))
@@ -236,10 +226,11 @@ def _extract_shard(writer: StoreWriter, shard: int, convs: list[Conversation], m
     bar.update(stats["rows"] - len(items))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     records = []
+    enders = end_of_turn_tokens(tok)  # reply text ends before these: CE per character compares templates
     for batch in length_batches(items, cfg.batch_size):
         scores = score_batch(model, [p.ids for p in batch], [p.gold_pos for p in batch], cfg.top_k,
                              [f"{p.conv.id} ({cfg.data})" for p in batch], pad_id)
-        records += [to_record(p, s, tok.eos_token) for p, s in zip(batch, scores)]
+        records += [to_record(p, s, enders) for p, s in zip(batch, scores)]
         bar.update(len(batch))
     stats.update(stored=len(records), scored_tokens=sum(r.n_tokens for r in records),
                  scored_chars=sum(r.n_chars for r in records), scored_bytes=sum(r.n_bytes for r in records))
