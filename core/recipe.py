@@ -20,6 +20,10 @@ from fuse.align_cli import AlignConfig
 from evals.config import EvalConfig
 
 
+CLM_NAME = "pivot-clm"  # the pivot-CLM baseline's name in outputs and tables
+TARGET_PREFIX = "T_"  # target T_k of source NAME is called T_NAME, next to the source itself
+
+
 @dataclass
 class ModelSpec:
     """A chat model: a local Hugging Face folder, or `world:NAME` for a demo-world model."""
@@ -64,8 +68,8 @@ class Recipe:
     align: AlignConfig = field(default_factory=AlignConfig, help="token/vocabulary alignment of each source onto the pivot")
 
     def validate(self) -> None:
-        taken = {self.models.pivot.name, "pivot-clm", *(s.name for s in self.models.sources),
-                 *("T_" + s.name for s in self.models.sources)}
+        taken = {self.models.pivot.name, CLM_NAME, *(s.name for s in self.models.sources),
+                 *(TARGET_PREFIX + s.name for s in self.models.sources)}
         for spec in self.merge:
             if spec.name in taken:
                 raise ValueError(f"merge: name {spec.name!r} is used twice (models, targets and merges share one table)")

@@ -19,9 +19,7 @@ from pathlib import Path
 import yaml
 
 from core.errors import PivotfuseError
-from core.recipe import Recipe, load_recipe
-
-TARGET_PREFIX = "T_"  # targets are named T_<source> in tables, next to the sources themselves
+from core.recipe import CLM_NAME, TARGET_PREFIX, Recipe, load_recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +98,7 @@ def _models_to_eval(recipe: Recipe, targets: dict[str, Path], clm: Path | None,
     models = {recipe.models.pivot.name: recipe.world_path(recipe.models.pivot.path)}
     models |= {s.name: recipe.world_path(s.path) for s in recipe.models.sources}
     if clm is not None:
-        models["pivot-clm"] = str(clm)
+        models[CLM_NAME] = str(clm)
     models |= {TARGET_PREFIX + k: str(v) for k, v in targets.items()}
     models |= {k: str(v) for k, v in merged.items()}
     return models
@@ -135,28 +133,33 @@ def _evaluate(recipe: Recipe, models: dict[str, str], steps: Steps) -> Path:
     return out
 
 
+def mean_over_domains(row: dict[str, dict]) -> float:
+    """Mean bits/byte over a model's domains (the pooled `all` row left out); NaN without any."""
+    vals = [v["bits_per_byte"] for d, v in row.items() if d != "all"]
+    return sum(vals) / len(vals) if vals else math.nan
+
+
 def claims(recipe: Recipe, loss: dict[str, dict], merged: list[str]) -> list[tuple[str, bool, str]]:
     """The paper's claims in miniature, checked on mean held-out loss over the domains."""
     def mean(name: str) -> float:
-        vals = [v["bits_per_byte"] for d, v in loss[name].items() if d != "all"]
-        return sum(vals) / len(vals) if vals else math.nan
+        return mean_over_domains(loss[name])
 
     pivot = recipe.models.pivot.name
     rows: list[tuple[str, bool, str]] = []
-    have_clm = "pivot-clm" in loss
+    clm = CLM_NAME
+    have_clm = clm in loss
     for m in merged:
         if have_clm:
-            rows.append((f"{m} < pivot-clm < {pivot} (mean over domains)",
-                         mean(m) < mean("pivot-clm") < mean(pivot),
-                         f"{mean(m):.4f} < {mean('pivot-clm'):.4f} < {mean(pivot):.4f}"))
+            rows.append((f"{m} < {clm} < {pivot} (mean over domains)", mean(m) < mean(clm) < mean(pivot),
+                         f"{mean(m):.4f} < {mean(clm):.4f} < {mean(pivot):.4f}"))
         for s in recipe.models.sources:
             rows.append((f"{m} < source {s.name} (mean)", mean(m) < mean(s.name), f"{mean(m):.4f} < {mean(s.name):.4f}"))
     if have_clm:
         for s in recipe.models.sources:
             dom, t = s.domain or s.name, TARGET_PREFIX + s.name
-            if dom in loss.get(t, {}) and dom in loss["pivot-clm"]:
-                a, b = loss[t][dom]["bits_per_byte"], loss["pivot-clm"][dom]["bits_per_byte"]
-                rows.append((f"{t} < pivot-clm on {dom}", a < b, f"{a:.4f} < {b:.4f}"))
+            if dom in loss.get(t, {}) and dom in loss[clm]:
+                a, b = loss[t][dom]["bits_per_byte"], loss[clm][dom]["bits_per_byte"]
+                rows.append((f"{t} < {clm} on {dom}", a < b, f"{a:.4f} < {b:.4f}"))
     return rows
 
 
@@ -172,10 +175,7 @@ def write_run_report(recipe: Recipe, eval_dir: Path, models: dict[str, str], mer
     loss = data["loss"]
     if loss:
         lines += ["| model | mean bits/byte over domains |", "|---|---:|"]
-        for name in models:
-            vals = [v["bits_per_byte"] for d, v in loss.get(name, {}).items() if d != "all"]
-            if vals:
-                lines.append(f"| {name} | {sum(vals) / len(vals):.4f} |")
+        lines += [f"| {name} | {mean_over_domains(loss[name]):.4f} |" for name in models if name in loss]
         checks = claims(recipe, loss, merged)
         if checks:
             lines += ["", "| claim | holds | numbers |", "|---|---|---|"]

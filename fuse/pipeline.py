@@ -24,10 +24,10 @@ import yaml
 
 from core.config import to_dict
 from core.errors import PivotfuseError
-from core.recipe import ModelSpec, Recipe
+from core.recipe import CLM_NAME, ModelSpec, Recipe
 from fuse.config import FuseConfig
 
-CLM = "pivot-clm"
+CLM = CLM_NAME  # one name for the baseline across fuse, run and the recipe checks
 ROWS_VERSION = 3  # bump when the training rows change meaning
 
 
