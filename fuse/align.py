@@ -54,7 +54,7 @@ from typing import Sequence
 import editdistance
 import numpy as np
 from rapidfuzz.distance import Levenshtein
-from rapidfuzz.process import cdist
+from rapidfuzz.process import cdist, cpdist
 
 _ed = editdistance.eval
 
@@ -145,9 +145,10 @@ def overlap_groups(pairs: np.ndarray, a_off: np.ndarray, b_off: np.ndarray) -> n
     kept = np.concatenate([kept, _attach(kept, 0, a_off, b_off)])
     kept = np.concatenate([kept, _attach(kept, 1, b_off, a_off)])
     kept = kept.astype(np.int64)
-    # np.unique(axis=0) sorts rows as structured records (slow); one integer key per pair sorts the same
+    # one integer key per pair sorts like (pivot, source); np.unique(axis=0) and hashing are slower
     width = int(kept[:, 1].max()) + 1 if len(kept) else 1
-    key = np.unique(kept[:, 0] * width + kept[:, 1])
+    key = np.sort(kept[:, 0] * width + kept[:, 1])
+    key = key[np.concatenate([[True], key[1:] != key[:-1]])] if len(key) else key  # unique, by sort
     return np.stack([key // width, key % width], axis=1)
 
 
@@ -177,35 +178,65 @@ def ed(x: str, y: str) -> int:
     return v
 
 
-def _costs(a: Sequence[str], b: Sequence[str], r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
-    """(R, C) edit distances of a window's pivot × source tokens, in one vectorised call.
+_BATCH_BELOW = 40  # cells: a cdist call costs ~6 µs, a cpdist cell ~0.17 µs
 
-    `rapidfuzz.process.cdist` computes the same Levenshtein distance as `editdistance.eval` (code
-    points, unit costs), all cells in C: no Python call per cell.
+
+def _costs(a: np.ndarray, b: np.ndarray, rects: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
+    """(R, C) edit distances of each window's pivot × source tokens (rect = r0, c0, r1, c1, inclusive).
+
+    `rapidfuzz` computes the same Levenshtein distance as `editdistance.eval` (code points, unit
+    costs) in C: no Python call per cell. Small windows (most of them) go to one pairwise `cpdist`
+    call over all their cells together; a larger one gets its own `cdist`.
     """
-    return cdist(list(a[r0:r1 + 1]), list(b[c0:c1 + 1]), scorer=Levenshtein.distance, dtype=np.int64)
+    out: list[np.ndarray | None] = [None] * len(rects)
+    if not rects:
+        return []
+    r = np.array(rects, dtype=np.int64).reshape(-1, 4)
+    rows, cols = r[:, 2] - r[:, 0] + 1, r[:, 3] - r[:, 1] + 1
+    cells = rows * cols
+    small = np.flatnonzero(cells < _BATCH_BELOW)
+    for k in np.flatnonzero(cells >= _BATCH_BELOW).tolist():
+        r0, c0, r1, c1 = rects[k]
+        out[k] = cdist(a[r0:r1 + 1].tolist(), b[c0:c1 + 1].tolist(), scorer=Levenshtein.distance, dtype=np.int64)
+    if len(small):
+        n_cells = cells[small]
+        ends = np.cumsum(n_cells)
+        win = np.repeat(np.arange(len(small)), n_cells)  # (T,) window of each cell
+        local = np.arange(int(ends[-1])) - (ends - n_cells)[win]  # (T,) row-major cell in its window
+        ci = cols[small][win]
+        flat = cpdist(a[r[small, 0][win] + local // ci], b[r[small, 1][win] + local % ci],
+                      scorer=Levenshtein.distance, dtype=np.int64)
+        for k, x, R, C in zip(small.tolist(), np.split(flat, ends[:-1]), rows[small].tolist(), cols[small].tolist()):
+            out[k] = x.reshape(R, C)
+    return out  # type: ignore[return-value]
 
 
-def _sweep(mats: list[np.ndarray]) -> list[np.ndarray]:
-    """Cumulative costs of windows' cost matrices: D[0, 0] = 0 (the start cell is not counted),
-    D[i, j] = c[i, j] + min(D[i-1, j-1], D[i-1, j], D[i, j-1]).
+def _solve(mats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Minimum-cost path through each window's cost matrix, the start cell not counted: the costs
+    (W,), and the paths' cells after the start, all windows together: (P, 2) (row, col) in their
+    window and (P,) the window's index (cells in no particular order).
 
+    Cumulative costs: D[0, 0] = 0, D[i, j] = c[i, j] + min(D[i-1, j-1], D[i-1, j], D[i, j-1]).
     All windows at once, one numpy row at a time. The recurrence is symmetric, so each window is
-    swept along its shorter side. Windows lie side by side, most rows first (the windows still
-    active at row i are a prefix), each after a separator column of cost `big` (more than any
-    window's total). With S the row's prefix sums and m[j] = min(D[i-1, j-1], D[i-1, j]), a row is
-    D[i, j] = S[j] + min_{k<=j} (m[k] - S[k-1]): one cumulative minimum. Any k left of a separator
-    adds `big` to the sum, so the minimum never reaches across. Integer-exact.
+    swept along its shorter side (transposed). Windows lie side by side, most rows first (the
+    windows still active at row i are a prefix), each after a separator column of cost `big`
+    (more than any window's total). With S the row's prefix sums and m[j] = min(D[i-1, j-1],
+    D[i-1, j]), a row is D[i, j] = S[j] + min_{k<=j} (m[k] - S[k-1]): one cumulative minimum. Any k
+    left of a separator adds `big` to the sum, so the minimum never reaches across. Integer-exact.
+
+    Back-trace: each cell's step is chosen for all cells at once (tie rule in the module doc,
+    applied in the window's own orientation); the walk then follows flat indices.
     """
     flip = [x.shape[0] > x.shape[1] for x in mats]
     ms = [x.T if f else x for x, f in zip(mats, flip)]  # (R, C) with R <= C
     order = sorted(range(len(ms)), key=lambda k: -ms[k].shape[0])
-    out: list[np.ndarray] = [None] * len(ms)  # type: ignore[list-item]
+    costs = np.zeros(len(ms), dtype=np.int64)
+    found: list[np.ndarray] = []  # per group: (P, 3) window, row, col
     groups: list[list[int]] = []
     rows_g = cols_g = cells_g = 0
     for k in order:  # bound the padding (rows of the first window × all columns) to ~4× the cells
         r, c = ms[k].shape
-        if groups and rows_g * (cols_g + c + 1) <= 4 * (cells_g + r * c) + (1 << 16):
+        if groups and rows_g * (cols_g + c + 1) <= 4 * (cells_g + r * c) + (1 << 8):
             groups[-1].append(k)
             cols_g, cells_g = cols_g + c + 1, cells_g + r * c
         else:
@@ -226,7 +257,7 @@ def _sweep(mats: list[np.ndarray]) -> list[np.ndarray]:
         acc = np.cumsum(cost, axis=1)  # (R, L) S
         shift = acc - cost  # (R, L) S[k-1]
         live = (rs[None, :] > np.arange(len(cost))[:, None]).sum(1)  # (R,) windows with row i
-        d = np.empty_like(cost)
+        d = np.full_like(cost, 4 * big)  # cells below a window's last row stay out of every min
         d[:, 0] = big  # the first separator (the rows below never write it)
         d[0] = acc[0] - np.repeat(acc[0, starts], ws)
         d[0, starts - 1] = big
@@ -238,44 +269,94 @@ def _sweep(mats: list[np.ndarray]) -> list[np.ndarray]:
             np.minimum.accumulate(t, out=t)
             t += acc[i, 1:width]
             d[i, 1:width] = t
-        for k, s in zip(g, starts.tolist()):
-            r, c = ms[k].shape
-            w = d[:r, s:s + c]
-            out[k] = w.T if flip[k] else w
+        L = cost.shape[1]
+        step = _steps(d, np.repeat(np.array([flip[k] for k in g]), ws))  # (R, L) flat offset back
+        ends_at = (rs - 1) * L + starts + np.array([ms[k].shape[1] for k in g]) - 1  # (W,) end cells
+        costs[g] = d.ravel()[ends_at]
+        cells, count = [], []
+        for at, stop in zip(ends_at.tolist(), starts.tolist()):  # walk back from each end
+            n0 = len(cells)
+            while at != stop:
+                cells.append(at)
+                at -= step.item(at)
+            count.append(len(cells) - n0)
+        idx = np.array(cells, dtype=np.int64)
+        w = np.repeat(np.arange(len(g)), count)  # (P,) position of the cell's window in g
+        rows, cols = idx // L, idx % L - starts[w]  # in the swept (maybe transposed) orientation
+        f = np.array([flip[k] for k in g])[w]
+        found.append(np.stack([np.array(g)[w], np.where(f, cols, rows), np.where(f, rows, cols)], axis=1))
+    cells = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
+    return costs, cells[:, 1:], cells[:, 0]
+
+
+def _steps(d: np.ndarray, flipped: np.ndarray) -> np.ndarray:
+    """(R, L) flat-index step back from each cell: diagonal L+1, up L, left 1.
+
+    Tie rule in the window's own orientation (pivot rows): diagonal, then down (pivot i-1), then
+    right (source j-1). In a transposed window (`flipped` columns) the pivot step is left."""
+    R, L = d.shape
+    step = np.ones((R, L), dtype=np.int64)  # row 0: left
+    if R > 1:
+        diag, up, left = d[:-1, :-1], d[:-1, 1:], d[1:, :-1]
+        f = flipped[1:]
+        first = np.where(f, left, up)  # the pivot step's cumulative cost
+        second = np.where(f, up, left)
+        take_diag = (diag <= up) & (diag <= left)
+        take_first = first <= second
+        pivot_step = np.where(f, 1, L)  # left in a transposed window, else up
+        other_step = np.where(f, L, 1)
+        step[1:, 1:] = np.where(take_diag, L + 1, np.where(take_first, pivot_step, other_step))
+        step[1:, 0] = L
+    return step
+
+
+def _objects(texts: Sequence[str]) -> np.ndarray:
+    """(n,) object array of the texts: gathers and elementwise comparisons run in C."""
+    out = np.empty(len(texts), dtype=object)
+    out[:] = list(texts)
     return out
 
 
-def _trace(rows: list[list[int]], r0: int, c0: int) -> list[int]:
-    """Back-trace of a window's cumulative costs from its end to its start (start excluded), as
-    flat (row, col) pairs in path order. Tie rule: diagonal, then down (i-1), then right (j-1)."""
-    i, j, path = len(rows) - 1, len(rows[0]) - 1, []
-    while i or j:
-        path += (c0 + j, r0 + i)
-        if i and j:
-            d, u, lft = rows[i - 1][j - 1], rows[i - 1][j], rows[i][j - 1]
-            if d <= u and d <= lft:
-                i, j = i - 1, j - 1
-            elif u <= lft:
-                i -= 1
-            else:
-                j -= 1
-        elif i:
-            i -= 1
-        else:
-            j -= 1
-    path.reverse()
-    return path
+def _cheap(a: np.ndarray, b: np.ndarray, pts: np.ndarray, theta: int) -> np.ndarray:
+    """(K,) is point (i, j) within edit distance `theta` of a neighbouring token (repetitive text)?
+
+    The neighbours of (i, j) are b[j-1], b[j+1], a[i-1], a[i+1], each compared with a[i]. The edit
+    distance is at least the length difference, so most neighbours are ruled out by lengths; the
+    rest go to one `rapidfuzz.process.cpdist` call (pairwise, in C). `a`/`b` are object arrays.
+    """
+    i, j = pts[:, 0], pts[:, 1]
+    own = a[i]
+    lens = np.fromiter(map(len, own), dtype=np.int64, count=len(own))
+    out = np.zeros(len(pts), dtype=bool)
+    for seq, idx, valid in ((b, j - 1, j > 0), (b, j + 1, j + 1 < len(b)), (a, i - 1, i > 0), (a, i + 1, i + 1 < len(a))):
+        k = np.flatnonzero(valid & ~out)
+        other = seq[idx[k]]
+        near = np.abs(np.fromiter(map(len, other), dtype=np.int64, count=len(k)) - lens[k]) <= theta
+        if near.any():
+            d = cpdist(own[k[near]], other[near], scorer=Levenshtein.distance, dtype=np.int64, score_cutoff=theta)
+            out[k[near][d <= theta]] = True
+    return out
 
 
-def _cheap(a: Sequence[str], b: Sequence[str], p: tuple[int, int], theta: int) -> bool:
-    """Is anchor p within edit distance `theta` of a neighbouring token (repetitive text)?"""
-    i, j = p
-    s = a[i]
-    ls = len(s)  # the edit distance is at least the length difference: most neighbours end there
-    return ((j > 0 and abs(len(x := b[j - 1]) - ls) <= theta and ed(s, x) <= theta)
-            or (j + 1 < len(b) and abs(len(x := b[j + 1]) - ls) <= theta and ed(s, x) <= theta)
-            or (i > 0 and abs(len(x := a[i - 1]) - ls) <= theta and ed(x, s) <= theta)
-            or (i + 1 < len(a) and abs(len(x := a[i + 1]) - ls) <= theta and ed(x, s) <= theta))
+class _LazyCheap:
+    """`_cheap` of the points, computed in blocks as the window loop asks (it asks near gaps)."""
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, pts: np.ndarray, theta: int, near: np.ndarray) -> None:
+        self.a, self.b, self.pts, self.theta = a, b, pts, theta
+        self.known = np.full(len(pts), -1, dtype=np.int8)  # -1 not computed, 0/1
+        self._fill(near)
+
+    def _fill(self, idx: np.ndarray) -> None:
+        idx = idx[(idx >= 0) & (idx < len(self.pts))]
+        idx = idx[self.known[idx] < 0]
+        if len(idx):
+            idx = np.unique(idx)
+            self.known[idx] = _cheap(self.a, self.b, self.pts[idx], self.theta)
+
+    def __getitem__(self, q: int) -> bool:
+        if self.known[q] < 0:  # a run of cheap anchors led here: the next block
+            self._fill(np.arange(q - 32, q + 33))
+        return bool(self.known[q])
 
 
 def _clean(offsets: np.ndarray) -> np.ndarray:
@@ -286,8 +367,9 @@ def _clean(offsets: np.ndarray) -> np.ndarray:
     return (e > s) & (before <= s) & (e <= after)
 
 
-def anchors(a: Sequence[str], b: Sequence[str], a_off: np.ndarray, b_off: np.ndarray) -> np.ndarray:
-    """(K, 2) exact shared tokens: same span, same text, clean boundaries; increasing in both."""
+def anchors(a: np.ndarray, b: np.ndarray, a_off: np.ndarray, b_off: np.ndarray) -> np.ndarray:
+    """(K, 2) exact shared tokens: same span, same text, clean boundaries; increasing in both.
+    `a`/`b` are object arrays of token texts."""
     if not len(a) or not len(b):
         return np.zeros((0, 2), dtype=np.int64)
     ia, ib = np.flatnonzero(_clean(a_off)), np.flatnonzero(_clean(b_off))
@@ -296,7 +378,7 @@ def anchors(a: Sequence[str], b: Sequence[str], a_off: np.ndarray, b_off: np.nda
     kb = b_off[ib, 0] * width + b_off[ib, 1]
     _, xa, xb = np.intersect1d(ka, kb, assume_unique=True, return_indices=True)
     pa, pb = ia[xa], ib[xb]
-    same = np.fromiter((a[i] == b[j] for i, j in zip(pa.tolist(), pb.tolist())), dtype=bool, count=len(pa))
+    same = (a[pa] == b[pb]).astype(bool)  # elementwise str ==, in C
     return np.stack([pa[same], pb[same]], axis=1)
 
 
@@ -313,6 +395,7 @@ def align_tokens(a: Sequence[str], b: Sequence[str], a_off: Sequence[Sequence[in
     n, m = len(a), len(b)
     if not n or not m:
         return Alignment(n, m, np.zeros((0, 2), dtype=np.int64), 0, np.zeros(n, dtype=bool))
+    a, b = _objects(a), _objects(b)
     exact = np.zeros(n, dtype=bool)
     ao = None if a_off is None else np.asarray(a_off, dtype=np.int64).reshape(-1, 2)
     bo = None if b_off is None else np.asarray(b_off, dtype=np.int64).reshape(-1, 2)
@@ -331,15 +414,17 @@ def align_tokens(a: Sequence[str], b: Sequence[str], a_off: Sequence[Sequence[in
     # cheap to step around (repetitive text); overlapping windows merge.
     h = halo or 0
     plist = pts.tolist()
+    reach = np.arange(-h - 4, h + 6)  # points each gap's window looks at first
+    cheap = _LazyCheap(a, b, pts, theta, (np.array(gaps, dtype=np.int64)[:, None] + reach).ravel()) if gaps else None
     windows: list[list[int]] = []
     for k in gaps:
         lo, hi = max(0, k - h), min(last, k + 1 + h)
         if windows and hi <= windows[-1][1]:
             continue  # this gap and its halo are inside the previous window already
         floor = windows[-1][1] if windows else 0
-        while lo > floor and _cheap(a, b, plist[lo], theta):
+        while lo > floor and cheap[lo]:  # type: ignore[index]
             lo -= 1
-        while hi < last and _cheap(a, b, plist[hi], theta):
+        while hi < last and cheap[hi]:  # type: ignore[index]
             hi += 1
         if windows and lo <= windows[-1][1]:
             windows[-1][1] = hi
@@ -347,17 +432,19 @@ def align_tokens(a: Sequence[str], b: Sequence[str], a_off: Sequence[Sequence[in
             windows.append([lo, hi])
     cost = ed(a[plist[0][0]], b[plist[0][1]])
     rects = [(*plist[lo], *plist[hi]) for lo, hi in windows]
-    sums = _sweep([_costs(a, b, *r) for r in rects])
-    parts = [pts[:1]]
-    k = 0
-    for (lo, hi), (r0, c0, _, _), d in zip(windows, rects, sums):
-        parts.append(pts[k + 1:lo + 1])  # diagonal run of anchors (cost 0) up to the window
-        cost += int(d[-1, -1])
-        parts.append(np.array(_trace(d.tolist(), r0, c0), dtype=np.int64).reshape(-1, 2))
-        k = hi
-    if k < last:  # trailing run; the end point costs 0 unless it is not an anchor
-        parts.append(pts[k + 1:])
+    w_cost, cells, owner = _solve(_costs(a, b, rects))
+    cost += int(w_cost.sum())
+    # The path: the points outside every window (each window's path replaces its points lo+1..hi)
+    # and the windows' cells. A monotone path visits cells in (pivot, source) order: one sort.
+    inside = np.zeros(len(pts) + 1, dtype=np.int64)
+    if windows:
+        w = np.array(windows, dtype=np.int64)
+        np.add.at(inside, w[:, 0] + 1, 1)
+        np.add.at(inside, w[:, 1] + 1, -1)
+        cells = cells + np.array(rects, dtype=np.int64)[owner, :2]
+    if not windows or windows[-1][1] < last:  # the end point costs 0 unless it is not an anchor
         cost += ed(a[n - 1], b[m - 1])
-    path = np.concatenate(parts)
+    path = np.concatenate([pts[np.cumsum(inside)[:-1] == 0], cells])
+    path = path[np.argsort(path[:, 0] * m + path[:, 1], kind="stable")]
     groups = None if ao is None or bo is None else overlap_groups(path, ao, bo)
     return Alignment(n, m, path, int(cost), exact, groups)

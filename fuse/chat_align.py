@@ -72,6 +72,21 @@ def _content_end(text: str, start: int, end: int, eos: str | None) -> int:
     return end
 
 
+def _common_prefix(x: str, i: int, y: str, j: int, limit: int) -> int:
+    """Length of the common prefix of x[i:i+limit] and y[j:j+limit]: slice comparisons (in C),
+    the whole reply at once, else a binary search."""
+    if x[i:i + limit] == y[j:j + limit]:
+        return limit
+    lo, hi = 0, limit  # prefixes of length lo agree, of length hi differ
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if x[i:i + mid] == y[j:j + mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def _inside(offsets: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """Indices of tokens overlapping [lo, hi)."""
     return np.flatnonzero((offsets[:, 0] < hi) & (offsets[:, 1] > lo))
@@ -118,18 +133,15 @@ def align_chat(pivot: ChatTokens, source: ChatTokens, pivot_text: TokenText, sou
         p_end, s_end = _content_end(pivot.text, ps, pe, p_eos), _content_end(source.text, ss, se, s_eos)
         # The shared reply text: equal by construction; the common prefix guards against templates
         # that alter a reply (then only the part both kept is aligned).
-        length = 0
-        limit = min(p_end - ps, s_end - ss)
-        while length < limit and pivot.text[ps + length] == source.text[ss + length]:
-            length += 1
+        length = _common_prefix(pivot.text, ps, source.text, ss, min(p_end - ps, s_end - ss))
         pi, si = _inside(pivot.offsets, ps, ps + length), _inside(source.offsets, ss, ss + length)
         turn[pi] = r
         if len(pi) and len(si):
             p_off = np.clip(pivot.offsets[pi] - ps, 0, length)
             s_off = np.clip(source.offsets[si] - ss, 0, length)
-            a = _clip_texts(pivot_text.in_context(pivot.ids[pi].tolist(), pivot.offsets[pi].tolist(), pivot.text),
+            a = _clip_texts(pivot_text.in_context(pivot.ids[pi].tolist(), pivot.offsets[pi], pivot.text),
                             pivot.offsets[pi], pivot.text, ps, ps + length)
-            b = _clip_texts(source_text.in_context(source.ids[si].tolist(), source.offsets[si].tolist(), source.text),
+            b = _clip_texts(source_text.in_context(source.ids[si].tolist(), source.offsets[si], source.text),
                             source.offsets[si], source.text, ss, ss + length)
             al = align_tokens(a, b, p_off, s_off, halo=halo, theta=theta)
             cost += al.cost

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import json
 import re
+from operator import itemgetter
 from typing import Any, Sequence
+
+import numpy as np
 
 from core.errors import PivotfuseError
 
@@ -91,6 +94,7 @@ class TokenText:
         self._text: dict[int, str] = {}
         self._spelled: list | None = None  # convert_ids_to_tokens of the whole vocabulary, once asked
         self._vocab: list[bytes] | None = None
+        self._lead = np.zeros(self.vocab_size, dtype=np.int8)  # see _leading_space
 
     def raw(self, token_id: int) -> str:
         """The vocabulary spelling of a token ('' for an id outside the vocabulary)."""
@@ -124,8 +128,22 @@ class TokenText:
         return t
 
     def texts(self, ids: Sequence[int]) -> list[str]:
-        get, text = self._text.get, self.text
-        return [get(i) or text(i) for i in map(int, ids)]
+        try:  # every id seen before: one C-level lookup of all of them
+            return list(itemgetter(*ids)(self._text)) if len(ids) > 1 else [self._text[int(i)] for i in ids]
+        except (KeyError, TypeError):
+            text = self.text
+            return [text(i) for i in map(int, ids)]
+
+    def _leading_space(self, ids: Sequence[int]) -> np.ndarray:
+        """(n,) does token ids[k]'s text start with a space? One gather from a per-id table
+        (0 not yet known, 1 no, 2 yes) that fills as ids are met."""
+        idx = np.asarray(ids, dtype=np.int64)
+        if len(self._lead) <= idx.max(initial=-1):
+            self._lead = np.concatenate([self._lead, np.zeros(int(idx.max()) + 1 - len(self._lead), dtype=np.int8)])
+        new = np.unique(idx[self._lead[idx] == 0])
+        if len(new):
+            self._lead[new] = [2 if self.text(i)[:1] == " " else 1 for i in new.tolist()]
+        return self._lead[idx] == 2
 
     def is_byte_fallback(self, token_id: int) -> bool:
         """True for SentencePiece `<0xNN>` tokens (a second spelling of a byte)."""
@@ -154,10 +172,15 @@ class TokenText:
         (`▁Hello` covering `Hello`) stands for the text without it.
         """
         out = self.texts(ids)
-        if self.kind != "sentencepiece":
+        if self.kind != "sentencepiece" or not out:
             return out
-        for k, (s, e) in enumerate(offsets):
-            t = out[k]
-            if t[:1] == " " and e > s and s < len(text) and text[s] != " " and t[1:] == text[s:e]:
-                out[k] = t[1:]
+        off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        start, end = off[:, 0], off[:, 1]
+        k = np.flatnonzero(self._leading_space(ids) & (end > start) & (start < len(text)))
+        if len(k):  # ... at an offset whose character is not a space: compare those few in Python
+            chars = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            k = k[chars[start[k]] != 32]
+            for k, s, e in zip(k.tolist(), start[k].tolist(), end[k].tolist()):
+                if out[k][1:] == text[s:e]:
+                    out[k] = out[k][1:]
         return out
