@@ -181,40 +181,38 @@ def ed(x: str, y: str) -> int:
 _BATCH_BELOW = 40  # cells: a cdist call costs ~6 µs, a cpdist cell ~0.17 µs
 
 
-def _costs(a: np.ndarray, b: np.ndarray, rects: list[tuple[int, int, int, int]]) -> list[np.ndarray]:
-    """(R, C) edit distances of each window's pivot × source tokens (rect = r0, c0, r1, c1, inclusive).
+def _costs(a: np.ndarray, b: np.ndarray, rect: np.ndarray) -> np.ndarray:
+    """Edit distances of each window's pivot × source tokens, all windows' cells in one flat array
+    (window by window, each row-major). `rect` (W, 4): r0, c0, r1, c1, inclusive.
 
     `rapidfuzz` computes the same Levenshtein distance as `editdistance.eval` (code points, unit
     costs) in C: no Python call per cell. Small windows (most of them) go to one pairwise `cpdist`
     call over all their cells together; a larger one gets its own `cdist`.
     """
-    out: list[np.ndarray | None] = [None] * len(rects)
-    if not rects:
-        return []
-    r = np.array(rects, dtype=np.int64).reshape(-1, 4)
-    rows, cols = r[:, 2] - r[:, 0] + 1, r[:, 3] - r[:, 1] + 1
+    rows, cols = rect[:, 2] - rect[:, 0] + 1, rect[:, 3] - rect[:, 1] + 1
     cells = rows * cols
-    small = np.flatnonzero(cells < _BATCH_BELOW)
-    for k in np.flatnonzero(cells >= _BATCH_BELOW).tolist():
-        r0, c0, r1, c1 = rects[k]
-        out[k] = cdist(a[r0:r1 + 1].tolist(), b[c0:c1 + 1].tolist(), scorer=Levenshtein.distance, dtype=np.int64)
+    first = np.cumsum(cells) - cells  # (W,) offset of each window in the flat array
+    flat = np.empty(int(cells.sum()), dtype=np.int64)
+    big = cells >= _BATCH_BELOW
+    for k, (r0, c0, r1, c1), f, n in zip(np.flatnonzero(big).tolist(), rect[big].tolist(), first[big].tolist(), cells[big].tolist()):
+        flat[f:f + n] = cdist(a[r0:r1 + 1].tolist(), b[c0:c1 + 1].tolist(), scorer=Levenshtein.distance,
+                              dtype=np.int64).ravel()
+    small = np.flatnonzero(~big)
     if len(small):
         n_cells = cells[small]
-        ends = np.cumsum(n_cells)
-        win = np.repeat(np.arange(len(small)), n_cells)  # (T,) window of each cell
-        local = np.arange(int(ends[-1])) - (ends - n_cells)[win]  # (T,) row-major cell in its window
-        ci = cols[small][win]
-        flat = cpdist(a[r[small, 0][win] + local // ci], b[r[small, 1][win] + local % ci],
-                      scorer=Levenshtein.distance, dtype=np.int64)
-        for k, x, R, C in zip(small.tolist(), np.split(flat, ends[:-1]), rows[small].tolist(), cols[small].tolist()):
-            out[k] = x.reshape(R, C)
-    return out  # type: ignore[return-value]
+        win = np.repeat(small, n_cells)  # (T,) window of each cell
+        local = np.arange(int(n_cells.sum())) - np.repeat(np.cumsum(n_cells) - n_cells, n_cells)  # (T,) row-major
+        c = cols[win]
+        flat[first[win] + local] = cpdist(a[rect[win, 0] + local // c], b[rect[win, 1] + local % c],
+                                          scorer=Levenshtein.distance, dtype=np.int64)
+    return flat
 
 
-def _solve(mats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Minimum-cost path through each window's cost matrix, the start cell not counted: the costs
-    (W,), and the paths' cells after the start, all windows together: (P, 2) (row, col) in their
-    window and (P,) the window's index (cells in no particular order).
+def _solve(flat: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Minimum-cost path through each window's cost matrix (`flat` as `_costs` gives it; window k
+    is rows[k] × cols[k]), the start cell not counted: the costs (W,), and the paths' cells after
+    the start, all windows together: (P, 2) (row, col) in their window and (P,) the window's index
+    (cells in no particular order).
 
     Cumulative costs: D[0, 0] = 0, D[i, j] = c[i, j] + min(D[i-1, j-1], D[i-1, j], D[i, j-1]).
     All windows at once, one numpy row at a time. The recurrence is symmetric, so each window is
@@ -227,30 +225,34 @@ def _solve(mats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Back-trace: each cell's step is chosen for all cells at once (tie rule in the module doc,
     applied in the window's own orientation); the walk then follows flat indices.
     """
-    flip = [x.shape[0] > x.shape[1] for x in mats]
-    ms = [x.T if f else x for x, f in zip(mats, flip)]  # (R, C) with R <= C
-    order = sorted(range(len(ms)), key=lambda k: -ms[k].shape[0])
-    costs = np.zeros(len(ms), dtype=np.int64)
+    flip = rows > cols
+    short, long = np.minimum(rows, cols), np.maximum(rows, cols)  # swept shape
+    first = np.cumsum(rows * cols) - rows * cols
+    order = np.argsort(-short, kind="stable")
+    costs = np.zeros(len(rows), dtype=np.int64)
     found: list[np.ndarray] = []  # per group: (P, 3) window, row, col
     groups: list[list[int]] = []
     rows_g = cols_g = cells_g = 0
-    for k in order:  # bound the padding (rows of the first window × all columns) to ~4× the cells
-        r, c = ms[k].shape
-        if groups and rows_g * (cols_g + c + 1) <= 4 * (cells_g + r * c) + (1 << 8):
+    for k, r, c in zip(order.tolist(), short[order].tolist(), long[order].tolist()):
+        # bound the padding (rows of the first window × all columns) to ~2× the cells
+        if groups and rows_g * (cols_g + c + 1) <= 2 * (cells_g + r * c) + (1 << 8):
             groups[-1].append(k)
             cols_g, cells_g = cols_g + c + 1, cells_g + r * c
         else:
             groups.append([k])
             rows_g, cols_g, cells_g = r, c + 1, r * c
-    for g in groups:
-        rs = np.array([ms[k].shape[0] for k in g])
-        ws = np.array([ms[k].shape[1] for k in g]) + 1  # with the separator
+    for g in map(np.array, groups):
+        rs, cs, fl = short[g], long[g], flip[g]
+        ws = cs + 1  # with the separator
         ends = np.cumsum(ws)
-        starts = ends - ws + 1  # first column of each window
+        starts = ends - cs  # first column of each window
         cost = np.zeros((int(rs[0]), int(ends[-1])), dtype=np.int64)  # (R, L)
-        for k, s in zip(g, starts.tolist()):
-            r, c = ms[k].shape
-            cost[:r, s:s + c] = ms[k]
+        n_cells = rs * cs
+        w = np.repeat(np.arange(len(g)), n_cells)  # (T,) position in g of each cell
+        local = np.arange(int(n_cells.sum())) - np.repeat(np.cumsum(n_cells) - n_cells, n_cells)
+        i, j = local // cols[g][w], local % cols[g][w]  # in the window's own orientation
+        f = fl[w]
+        cost[np.where(f, j, i), starts[w] + np.where(f, i, j)] = flat[first[g][w] + local]
         cost[0, starts] = 0  # start cells
         big = int(cost.sum()) + 1
         cost[:, starts - 1] = big
@@ -261,17 +263,17 @@ def _solve(mats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         d[:, 0] = big  # the first separator (the rows below never write it)
         d[0] = acc[0] - np.repeat(acc[0, starts], ws)
         d[0, starts - 1] = big
-        for i in range(1, len(cost)):
-            width = int(ends[int(live[i]) - 1])
-            p = d[i - 1, :width]
+        for r in range(1, len(cost)):
+            width = int(ends[int(live[r]) - 1])
+            p = d[r - 1, :width]
             t = np.minimum(p[:-1], p[1:])
-            t -= shift[i, 1:width]
+            t -= shift[r, 1:width]
             np.minimum.accumulate(t, out=t)
-            t += acc[i, 1:width]
-            d[i, 1:width] = t
+            t += acc[r, 1:width]
+            d[r, 1:width] = t
         L = cost.shape[1]
-        step = _steps(d, np.repeat(np.array([flip[k] for k in g]), ws))  # (R, L) flat offset back
-        ends_at = (rs - 1) * L + starts + np.array([ms[k].shape[1] for k in g]) - 1  # (W,) end cells
+        step = _steps(d, np.repeat(fl, ws))  # (R, L) flat offset back
+        ends_at = (rs - 1) * L + starts + cs - 1  # (W,) end cells
         costs[g] = d.ravel()[ends_at]
         cells, count = [], []
         for at, stop in zip(ends_at.tolist(), starts.tolist()):  # walk back from each end
@@ -282,9 +284,9 @@ def _solve(mats: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             count.append(len(cells) - n0)
         idx = np.array(cells, dtype=np.int64)
         w = np.repeat(np.arange(len(g)), count)  # (P,) position of the cell's window in g
-        rows, cols = idx // L, idx % L - starts[w]  # in the swept (maybe transposed) orientation
-        f = np.array([flip[k] for k in g])[w]
-        found.append(np.stack([np.array(g)[w], np.where(f, cols, rows), np.where(f, rows, cols)], axis=1))
+        rr, cc = idx // L, idx % L - starts[w]  # in the swept (maybe transposed) orientation
+        f = fl[w]
+        found.append(np.stack([g[w], np.where(f, cc, rr), np.where(f, rr, cc)], axis=1))
     cells = np.concatenate(found) if found else np.zeros((0, 3), dtype=np.int64)
     return costs, cells[:, 1:], cells[:, 0]
 
@@ -317,44 +319,57 @@ def _objects(texts: Sequence[str]) -> np.ndarray:
     return out
 
 
-def _cheap(a: np.ndarray, b: np.ndarray, pts: np.ndarray, theta: int) -> np.ndarray:
+def _cheap(a: np.ndarray, b: np.ndarray, la: np.ndarray, lb: np.ndarray, pts: np.ndarray, theta: int) -> np.ndarray:
     """(K,) is point (i, j) within edit distance `theta` of a neighbouring token (repetitive text)?
 
     The neighbours of (i, j) are b[j-1], b[j+1], a[i-1], a[i+1], each compared with a[i]. The edit
-    distance is at least the length difference, so most neighbours are ruled out by lengths; the
-    rest go to one `rapidfuzz.process.cpdist` call (pairwise, in C). `a`/`b` are object arrays.
+    distance is at least the length difference (`la`/`lb`: text lengths), so most neighbours are
+    ruled out by lengths; the rest go to one `rapidfuzz.process.cpdist` call (pairwise, in C; a
+    call costs ~20 µs, so all neighbours go together). `a`/`b` are object arrays.
     """
     i, j = pts[:, 0], pts[:, 1]
-    own = a[i]
-    lens = np.fromiter(map(len, own), dtype=np.int64, count=len(own))
+    k = np.arange(len(pts))
+    up_b, dn_b, up_a, dn_a = j > 0, j + 1 < len(b), i > 0, i + 1 < len(a)
+    who = np.concatenate([k[up_b], k[dn_b], k[up_a], k[dn_a]])  # (N,) the point of each neighbour
+    nb_b = np.concatenate([j[up_b] - 1, j[dn_b] + 1])
+    nb_a = np.concatenate([i[up_a] - 1, i[dn_a] + 1])
+    near = np.abs(np.concatenate([lb[nb_b], la[nb_a]]) - la[i[who]]) <= theta
     out = np.zeros(len(pts), dtype=bool)
-    for seq, idx, valid in ((b, j - 1, j > 0), (b, j + 1, j + 1 < len(b)), (a, i - 1, i > 0), (a, i + 1, i + 1 < len(a))):
-        k = np.flatnonzero(valid & ~out)
-        other = seq[idx[k]]
-        near = np.abs(np.fromiter(map(len, other), dtype=np.int64, count=len(k)) - lens[k]) <= theta
-        if near.any():
-            d = cpdist(own[k[near]], other[near], scorer=Levenshtein.distance, dtype=np.int64, score_cutoff=theta)
-            out[k[near][d <= theta]] = True
+    if near.any():
+        split = len(nb_b)
+        other = np.concatenate([b[nb_b[near[:split]]], a[nb_a[near[split:]]]])
+        d = cpdist(a[i[who[near]]], other, scorer=Levenshtein.distance, dtype=np.int64, score_cutoff=theta)
+        out[who[near][d <= theta]] = True
     return out
 
 
-class _LazyCheap:
-    """`_cheap` of the points, computed in blocks as the window loop asks (it asks near gaps)."""
+class _Cheap:
+    """`_cheap` of the points the window loop asks about. Filled up front for the points next to
+    each gap and, for as long as they are cheap, the ones beyond (a few rounds of one call each);
+    anything else is computed in a block when asked."""
 
-    def __init__(self, a: np.ndarray, b: np.ndarray, pts: np.ndarray, theta: int, near: np.ndarray) -> None:
+    def __init__(self, a: np.ndarray, b: np.ndarray, pts: np.ndarray, theta: int, gaps: np.ndarray, halo: int) -> None:
         self.a, self.b, self.pts, self.theta = a, b, pts, theta
+        self.la = np.fromiter(map(len, a), dtype=np.int64, count=len(a))
+        self.lb = np.fromiter(map(len, b), dtype=np.int64, count=len(b))
         self.known = np.full(len(pts), -1, dtype=np.int8)  # -1 not computed, 0/1
-        self._fill(near)
+        left, right = gaps - halo, gaps + 1 + halo  # the first point each side of a gap's window
+        for _ in range(4):
+            left, right = left[(left >= 0) & (left < len(pts))], right[(right >= 0) & (right < len(pts))]
+            if not (len(left) or len(right)):
+                break
+            self._fill(np.concatenate([left, right]))
+            left, right = left[self.known[left] == 1] - 1, right[self.known[right] == 1] + 1
 
     def _fill(self, idx: np.ndarray) -> None:
         idx = idx[(idx >= 0) & (idx < len(self.pts))]
         idx = idx[self.known[idx] < 0]
         if len(idx):
             idx = np.unique(idx)
-            self.known[idx] = _cheap(self.a, self.b, self.pts[idx], self.theta)
+            self.known[idx] = _cheap(self.a, self.b, self.la, self.lb, self.pts[idx], self.theta)
 
     def __getitem__(self, q: int) -> bool:
-        if self.known[q] < 0:  # a run of cheap anchors led here: the next block
+        if self.known[q] < 0:  # a long run of cheap anchors led here: the next block
             self._fill(np.arange(q - 32, q + 33))
         return bool(self.known[q])
 
@@ -413,9 +428,7 @@ def align_tokens(a: Sequence[str], b: Sequence[str], a_off: Sequence[Sequence[in
     # Windows (point index ranges): each gap widened by `halo` points, then over anchors that are
     # cheap to step around (repetitive text); overlapping windows merge.
     h = halo or 0
-    plist = pts.tolist()
-    reach = np.arange(-h - 4, h + 6)  # points each gap's window looks at first
-    cheap = _LazyCheap(a, b, pts, theta, (np.array(gaps, dtype=np.int64)[:, None] + reach).ravel()) if gaps else None
+    cheap = _Cheap(a, b, pts, theta, np.array(gaps, dtype=np.int64), h) if gaps else None
     windows: list[list[int]] = []
     for k in gaps:
         lo, hi = max(0, k - h), min(last, k + 1 + h)
@@ -430,9 +443,9 @@ def align_tokens(a: Sequence[str], b: Sequence[str], a_off: Sequence[Sequence[in
             windows[-1][1] = hi
         else:
             windows.append([lo, hi])
-    cost = ed(a[plist[0][0]], b[plist[0][1]])
-    rects = [(*plist[lo], *plist[hi]) for lo, hi in windows]
-    w_cost, cells, owner = _solve(_costs(a, b, rects))
+    cost = ed(a[pts[0, 0]], b[pts[0, 1]])
+    rect = pts[np.array(windows, dtype=np.int64).reshape(-1, 2)].reshape(-1, 4)  # (W, 4) r0, c0, r1, c1
+    w_cost, cells, owner = _solve(_costs(a, b, rect), rect[:, 2] - rect[:, 0] + 1, rect[:, 3] - rect[:, 1] + 1)
     cost += int(w_cost.sum())
     # The path: the points outside every window (each window's path replaces its points lo+1..hi)
     # and the windows' cells. A monotone path visits cells in (pivot, source) order: one sort.
@@ -441,7 +454,7 @@ def align_tokens(a: Sequence[str], b: Sequence[str], a_off: Sequence[Sequence[in
         w = np.array(windows, dtype=np.int64)
         np.add.at(inside, w[:, 0] + 1, 1)
         np.add.at(inside, w[:, 1] + 1, -1)
-        cells = cells + np.array(rects, dtype=np.int64)[owner, :2]
+        cells = cells + rect[owner, :2]
     if not windows or windows[-1][1] < last:  # the end point costs 0 unless it is not an anchor
         cost += ed(a[n - 1], b[m - 1])
     path = np.concatenate([pts[np.cumsum(inside)[:-1] == 0], cells])
