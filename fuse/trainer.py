@@ -16,6 +16,7 @@ projection and its fp32 copy are (N, V) for N assistant tokens, not (B, L, V).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from dataclasses import dataclass
@@ -72,22 +73,33 @@ class FusionCollator:
                 "target_ids": t_ids, "target_logprobs": t_lp}
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+def accepts_logits_mask(model: torch.nn.Module) -> bool:
+    """Does the model's forward take `logits_to_keep` as a boolean (B, L) mask? Models of recent
+    transformers 5 releases slice with `slice_logits_to_keep`, which does; older ones index
+    `hidden_states[:, logits_to_keep, :]`, which takes only an int or 1-D positions (then the
+    step projects every position and keeps the scored ones, as before)."""
     base = model
-    for attr in ("module", "base_model", "model"):  # DDP / PEFT wrappers
-        if "logits_to_keep" in inspect.signature(type(base).forward).parameters:
-            return True
-        base = getattr(base, attr, base)
-    return "logits_to_keep" in inspect.signature(type(base).forward).parameters
+    for attr in ("module", "base_model", "model", None):  # DDP / PEFT wrappers
+        forward = type(base).forward
+        if "logits_to_keep" in inspect.signature(forward).parameters:
+            try:
+                return "slice_logits_to_keep" in inspect.getsource(forward)
+            except (OSError, TypeError):  # no source (compiled, frozen): do not assume
+                return False
+        if attr is not None:
+            base = getattr(base, attr, base)
+    return False
 
 
 def fusion_step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], lam: float, temperature: float,
-                     num_items: torch.Tensor | int | None = None, logits_to_keep: bool = True):
+                     num_items: torch.Tensor | int | None = None, logits_to_keep: bool | None = None):
     """Forward `batch` (a `FusionCollator` output) and return (`FusionLossOutput`, model outputs).
 
-    With `logits_to_keep` (models whose forward takes it) only the scored positions are
-    projected onto the vocabulary: logits come back as (N, V) instead of (B, L, V).
+    With `logits_to_keep` (default: when `accepts_logits_mask(model)`) only the scored positions
+    are projected onto the vocabulary: logits come back as (N, V) instead of (B, L, V).
     """
+    if logits_to_keep is None:
+        logits_to_keep = accepts_logits_mask(model)
     labels = batch["labels"][:, 1:]  # (B, L−1): logits at t predict token t+1
     keep = labels != IGNORE_INDEX  # (B, L−1)
     model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
@@ -109,7 +121,7 @@ class FuseTrainer(SFTTrainer):
     def __init__(self, *args: Any, lam: float = 0.9, temperature: float = 1.0, **kwargs: Any) -> None:
         self.lam, self.temperature = float(lam), float(temperature)
         super().__init__(*args, **kwargs)
-        self._logits_to_keep = _accepts_logits_to_keep(self.model)
+        self._logits_to_keep = accepts_logits_mask(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
@@ -130,6 +142,11 @@ class FuseTrainer(SFTTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
+# Recent transformers 5 releases renamed gradient_checkpointing; earlier 5.x know only the old name.
+_CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
+                  else "gradient_checkpointing")
+
+
 def training_args(cfg: FuseConfig, output_dir: str, on_gpu: bool, bf16_ok: bool) -> SFTConfig:
     """SFTConfig from the recipe's `fuse` section; bf16 and checkpointing default to on for GPUs."""
     bf16 = cfg.bf16 if cfg.bf16 is not None else (on_gpu and bf16_ok)
@@ -147,8 +164,8 @@ def training_args(cfg: FuseConfig, output_dir: str, on_gpu: bool, bf16_ok: bool)
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         bf16=bf16,
-        activation_checkpointing=checkpointing,  # transformers 5 name of gradient_checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        **{_CHECKPOINTING: checkpointing,
+           _CHECKPOINTING + "_kwargs": {"use_reentrant": False} if checkpointing else None},
         seed=cfg.seed,
         data_seed=cfg.seed,
         save_strategy="steps",
@@ -223,6 +240,22 @@ def _evaluate(trainer: FuseTrainer, dataset: Any) -> dict[str, float]:
             "target_coverage": n_t / n, "tokens": int(n)}
 
 
+def _merge_lora(model: Any, pivot_dir: str, load_dtype: torch.dtype, save_dtype: torch.dtype, work: Path) -> Any:
+    """The pivot with the LoRA adapters merged in. When the frozen base was trained in a lower
+    precision than the target is saved in (a bf16 base under a float32 pivot), the adapters are
+    merged into a fresh load of the pivot at `save_dtype`: the frozen weights stay exactly the
+    pivot's, not bf16-rounded copies."""
+    if load_dtype == save_dtype or torch.finfo(load_dtype).bits >= torch.finfo(save_dtype).bits:
+        return model.merge_and_unload()
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter = work / "adapter"
+    model.save_pretrained(str(adapter))  # adapters only (kept in float32 by PEFT)
+    base = AutoModelForCausalLM.from_pretrained(pivot_dir, dtype=save_dtype)
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+
+
 def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, work_dir: str,
                  eval_dataset: Any = None, write_extra: Callable[[Path, dict], None] | None = None) -> dict[str, Any]:
     """Train a copy of the pivot on `dataset` (fusion rows) and save it as an HF folder at `out_dir`.
@@ -285,7 +318,7 @@ def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, wo
             shutil.rmtree(tmp)
         final = trainer.accelerator.unwrap_model(trainer.model)
         if hasattr(final, "merge_and_unload"):  # LoRA: fold the adapters into the weights
-            final = final.merge_and_unload()
+            final = _merge_lora(final, pivot_dir, load_dtype, save_dtype, work)
         final.config.pad_token_id, final.config.use_cache, final.generation_config.pad_token_id = saved_config
         final.to(save_dtype).save_pretrained(str(tmp), safe_serialization=True)
     result = {"loss_before": before, "loss_after": after, "steps": trainer.state.global_step,

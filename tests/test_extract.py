@@ -79,7 +79,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     stores = {}
     for kind, path in models.items():
         cfg = ExtractConfig(model=str(path), data=str(data), out=str(root / f"store-{kind}"), top_k=5,
-                            batch_size=3, max_length=MAX_LEN, shard_size=4)
+                            batch_size=3, max_length=MAX_LEN, shard_size=4, dtype="float32")  # vs a float32 reference
         stores[kind] = (cfg, extract(cfg))
     return {"root": root, "data": data, "models": models, "stores": stores}
 
@@ -312,7 +312,7 @@ def test_world_models(world: Path, tmp_path: Path) -> None:
     chars = {}
     for name in ("pivot", "arith", "facts", "strings"):
         cfg = ExtractConfig(model=str(world / "models" / name), data=str(data), out=str(tmp_path / name),
-                            batch_size=4, max_length=512)
+                            batch_size=4, max_length=512, dtype="float32")  # the reference is float32
         stats = extract(cfg)
         store = LogitStore(cfg.out)
         assert stats["stored"] == len(rows) and stats["truncated"] == 0
