@@ -9,7 +9,6 @@ output exists with the same fingerprint, so a stopped run continues where it sto
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from core.errors import PivotfuseError
+from core.fingerprint import json_sha
 from core.recipe import CLM_NAME, TARGET_PREFIX, Recipe, load_recipe
 
 
@@ -26,10 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override recipe values, e.g. --set fuse.lr=1e-4 out=runs/x")
-
-
-def _sha(obj: object) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _folder_stamp(folder: Path) -> list:
@@ -81,7 +77,7 @@ def _phase2(recipe: Recipe, targets: dict[str, Path], steps: Steps) -> dict[str,
     merged = {}
     for spec in recipe.merge:
         out = Path(recipe.out) / "merged" / spec.name
-        fp = _sha({"spec": asdict(spec), "pivot": _folder_stamp(pivot),
+        fp = json_sha({"spec": asdict(spec), "pivot": _folder_stamp(pivot),
                    "targets": {k: _folder_stamp(v) for k, v in targets.items()}})
         if steps.fresh(f"merge:{spec.name}", fp, out):
             _log(f"phase 2: merge {spec.name} is up to date")
@@ -114,7 +110,7 @@ def _evaluate(recipe: Recipe, models: dict[str, str], steps: Steps) -> Path:
     cfg = replace(cfg, out=str(out), demo_facts=recipe.world_path(cfg.demo_facts) if cfg.demo_facts else None)
     templates = {s.name: s.chat_template for s in [recipe.models.pivot, *recipe.models.sources] if s.chat_template}
     # a model rewritten since its last evaluation must not keep its old numbers
-    fp = _sha({"models": {k: _folder_stamp(Path(v)) for k, v in models.items()}, "eval": asdict(cfg)})
+    fp = json_sha({"models": {k: _folder_stamp(Path(v)) for k, v in models.items()}, "eval": asdict(cfg)})
     if not steps.fresh("eval", fp, out):
         for stale in ("loss.json", "model_answer", "model_judgment"):
             p = out / stale

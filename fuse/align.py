@@ -113,7 +113,9 @@ def _attach(kept: np.ndarray, side: int, own: np.ndarray, other: np.ndarray) -> 
     Offsets are non-decreasing in token order, so the tokens overlapping [s, e) are the index range
     [#tokens ending at or before s, #tokens starting before e).
     """
-    kept = kept[np.lexsort((kept[:, 1 - side], kept[:, side]))]
+    x, y = kept[:, side], kept[:, 1 - side]
+    if len(kept) > 1 and not ((np.diff(x) > 0) | ((np.diff(x) == 0) & (np.diff(y) >= 0))).all():
+        kept = kept[np.lexsort((y, x))]  # (a path's pairs come sorted both ways: no sort then)
     xs, ys = kept[:, side], kept[:, 1 - side]
     has = np.zeros(len(own), dtype=bool)
     has[xs] = True
@@ -346,13 +348,14 @@ def _cheap(a: np.ndarray, b: np.ndarray, la: np.ndarray, lb: np.ndarray, pts: np
 class _Cheap:
     """`_cheap` of the points the window loop asks about. Filled up front for the points next to
     each gap and, for as long as they are cheap, the ones beyond (a few rounds of one call each);
-    anything else is computed in a block when asked."""
+    anything else is computed in a block when asked. `flags[q]`: -1 not computed, 0 or 1 (a list:
+    the loop reads it per point)."""
 
     def __init__(self, a: np.ndarray, b: np.ndarray, pts: np.ndarray, theta: int, gaps: np.ndarray, halo: int) -> None:
         self.a, self.b, self.pts, self.theta = a, b, pts, theta
         self.la = np.fromiter(map(len, a), dtype=np.int64, count=len(a))
         self.lb = np.fromiter(map(len, b), dtype=np.int64, count=len(b))
-        self.known = np.full(len(pts), -1, dtype=np.int8)  # -1 not computed, 0/1
+        self.known = np.full(len(pts), -1, dtype=np.int8)
         left, right = gaps - halo, gaps + 1 + halo  # the first point each side of a gap's window
         for _ in range(4):
             left, right = left[(left >= 0) & (left < len(pts))], right[(right >= 0) & (right < len(pts))]
@@ -360,6 +363,7 @@ class _Cheap:
                 break
             self._fill(np.concatenate([left, right]))
             left, right = left[self.known[left] == 1] - 1, right[self.known[right] == 1] + 1
+        self.flags: list[int] = self.known.tolist()
 
     def _fill(self, idx: np.ndarray) -> None:
         idx = idx[(idx >= 0) & (idx < len(self.pts))]
@@ -368,10 +372,12 @@ class _Cheap:
             idx = np.unique(idx)
             self.known[idx] = _cheap(self.a, self.b, self.la, self.lb, self.pts[idx], self.theta)
 
-    def __getitem__(self, q: int) -> bool:
-        if self.known[q] < 0:  # a long run of cheap anchors led here: the next block
+    def __call__(self, q: int) -> bool:
+        """Point q's flag, computing its block first when a long run of cheap anchors led here."""
+        if self.flags[q] < 0:
             self._fill(np.arange(q - 32, q + 33))
-        return bool(self.known[q])
+            self.flags[:] = self.known.tolist()  # in place: callers hold the list
+        return self.flags[q] == 1
 
 
 def _clean(offsets: np.ndarray) -> np.ndarray:
@@ -429,15 +435,16 @@ def align_tokens(a: Sequence[str], b: Sequence[str], a_off: Sequence[Sequence[in
     # cheap to step around (repetitive text); overlapping windows merge.
     h = halo or 0
     cheap = _Cheap(a, b, pts, theta, np.array(gaps, dtype=np.int64), h) if gaps else None
+    flags = cheap.flags if cheap else []
     windows: list[list[int]] = []
     for k in gaps:
         lo, hi = max(0, k - h), min(last, k + 1 + h)
         if windows and hi <= windows[-1][1]:
             continue  # this gap and its halo are inside the previous window already
         floor = windows[-1][1] if windows else 0
-        while lo > floor and cheap[lo]:  # type: ignore[index]
+        while lo > floor and (flags[lo] == 1 if flags[lo] >= 0 else cheap(lo)):  # type: ignore[misc]
             lo -= 1
-        while hi < last and cheap[hi]:  # type: ignore[index]
+        while hi < last and (flags[hi] == 1 if flags[hi] >= 0 else cheap(hi)):  # type: ignore[misc]
             hi += 1
         if windows and lo <= windows[-1][1]:
             windows[-1][1] = hi

@@ -14,7 +14,6 @@ run resumes (stores by shard, training from the last checkpoint).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -24,15 +23,12 @@ import yaml
 
 from core.config import to_dict
 from core.errors import PivotfuseError
+from core.fingerprint import json_sha
 from core.recipe import CLM_NAME, ModelSpec, Recipe
 from fuse.config import FuseConfig
 
 CLM = CLM_NAME  # one name for the baseline across fuse, run and the recipe checks
 ROWS_VERSION = 3  # bump when the training rows change meaning
-
-
-def _sha(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _store(recipe: Recipe, spec: ModelSpec, data: str):
@@ -162,11 +158,11 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     # (λ = 1) not the settings of the fusion term either.
     target_only = ("method", "top_k", "fallback", "translate", "temperature")
     settings = {k: getattr(cfg, k) for k in target_only} if s_store is not None else {}
-    rows_fp = _sha({"version": ROWS_VERSION, "pivot": p_store.manifest["fingerprint"],
+    rows_fp = json_sha({"version": ROWS_VERSION, "pivot": p_store.manifest["fingerprint"],
                     "source": s_store.manifest["fingerprint"] if s_store else None,
                     "vocab": vmap_info.get("fingerprint"), **settings})
     ignore = {"save_steps", "save_total_limit", "logging_steps"} | (set(target_only) if s_store is None else set())
-    fingerprint = _sha({"rows": rows_fp, "samples": report_samples,
+    fingerprint = json_sha({"rows": rows_fp, "samples": report_samples,
                         "fuse": {k: v for k, v in to_dict(cfg).items() if k not in ignore}})
     report_file = target / "fusion_report.json"
     if report_file.is_file() and json.loads(report_file.read_text()).get("fingerprint") == fingerprint:
