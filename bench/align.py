@@ -17,7 +17,6 @@ pivotfuse is timed *between* blocks of rows of the naive DPs, and its time is th
 runs: both sides see the same conditions. Cold: its edit-distance cache emptied before each run;
 each time is the second of two runs, the first re-warming the CPU caches that the naive DP's
 tables evicted. No garbage collection runs inside timed code (as in `timeit`).
-Warm: the median of runs after every sample was aligned once, as in a corpus run.
 Also per pair: the total edit cost of pivotfuse's path equals the lean DP's (`cost=`), and the
 coverage of the pivot's reply tokens (exact 1:1 / through the vocabulary map built over the
 samples / no source distribution).
@@ -157,7 +156,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=2000)
-    ap.add_argument("--warm-repeats", type=int, default=5)
     ap.add_argument("--pairs", nargs="*", help="pivot:source pairs (default: all 12)")
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -181,9 +179,9 @@ def main() -> None:
     pairs = [tuple(x.split(":")) for x in args.pairs] if args.pairs else [(p, s) for p in NAMES for s in NAMES if p != s]
     print(f"{args.samples} chats of ~{args.tokens} tokens (Llama-3 count); CPU time per sample: naive DPs on "
           f"sample 1, pivotfuse cold = median of its runs between the naive DPs' blocks of {BLOCK} rows")
-    print(f"{'pivot':>7} {'source':>7} {'tokens':>11} {'fusellm s':>9} {'lean s':>7} {'cold ms':>8} {'warm ms':>8} "
+    print(f"{'pivot':>7} {'source':>7} {'tokens':>11} {'fusellm s':>9} {'lean s':>7} {'ms':>8} "
           f"{'vs fusellm':>10} {'vs lean':>8} {'cost=':>5} {'exact':>6} {'mapped':>6} {'none':>6}")
-    ratios, lean_ratios, warm_ratios = {}, {}, {}
+    ratios, lean_ratios = {}, {}
     for p, s in pairs:
         pv, sv = views[p], views[s]
         cold: list[float] = []
@@ -210,24 +208,15 @@ def main() -> None:
             ours_cost += align_mod.align_tokens(a, b, ao, bo).cost
         gc.enable()
         builder, cov = VocabMapBuilder(toks[p], toks[s]), Coverage()
-        for k in range(args.samples):  # every sample once (warms the cache), for coverage
+        for k in range(args.samples):  # coverage over every sample
             al = align_chat(pv[k], sv[k], toks[p], toks[s])
             builder.add(al, pv[k].ids, sv[k].ids)
             cov.add(al, pv[k].ids, sv[k].ids)
-        warm = []
-        gc.collect()
-        gc.disable()
-        for _ in range(args.warm_repeats):
-            t0 = time.process_time()
-            align_chat(pv[0], sv[0], toks[p], toks[s])
-            warm.append(time.process_time() - t0)
-        gc.enable()
-        t_cold, t_warm = statistics.median(cold), statistics.median(warm)
+        t_cold = statistics.median(cold)
         rep = cov.report(builder.build().mapping)
         ratios[(p, s)], lean_ratios[(p, s)] = t_fusellm / t_cold, t_lean / t_cold
-        warm_ratios[(p, s)] = t_lean / t_warm
         print(f"{p:>7} {s:>7} {len(pv[0].ids):>5}×{len(sv[0].ids):<5} {t_fusellm:9.2f} {t_lean:7.2f} "
-              f"{t_cold * 1e3:8.2f} {t_warm * 1e3:8.2f} {ratios[(p, s)]:9.0f}× {lean_ratios[(p, s)]:7.0f}× "
+              f"{t_cold * 1e3:8.2f} {ratios[(p, s)]:9.0f}× {lean_ratios[(p, s)]:7.0f}× "
               f"{'yes' if naive == ours_cost else 'NO':>5} "
               f"{rep['exact_share']:6.1%} {rep['mapped_share']:6.1%} {rep['none_share']:6.1%}", flush=True)
     worst = min(ratios, key=ratios.get)
@@ -236,7 +225,7 @@ def main() -> None:
     print(f"RESULT align speedup={ratios[worst]:.0f} worst_pair={worst[0]}->{worst[1]} "
           f"speedup_lean={lean_ratios[worst_lean]:.0f} worst_pair_lean={worst_lean[0]}->{worst_lean[1]} "
           f"median={median(ratios):.0f} median_lean={median(lean_ratios):.0f} "
-          f"worst_warm_lean={min(warm_ratios.values()):.0f} samples={args.samples} tokens={args.tokens}")
+          f"samples={args.samples} tokens={args.tokens}")
 
 
 if __name__ == "__main__":
