@@ -321,20 +321,28 @@ def _objects(texts: Sequence[str]) -> np.ndarray:
     return out
 
 
-def _cheap(a: np.ndarray, b: np.ndarray, la: np.ndarray, lb: np.ndarray, pts: np.ndarray, theta: int) -> np.ndarray:
+def _cheap(a: np.ndarray, b: np.ndarray, pts: np.ndarray, theta: int) -> np.ndarray:
     """(K,) is point (i, j) within edit distance `theta` of a neighbouring token (repetitive text)?
 
-    The neighbours of (i, j) are b[j-1], b[j+1], a[i-1], a[i+1], each compared with a[i]. The edit
-    distance is at least the length difference (`la`/`lb`: text lengths), so most neighbours are
-    ruled out by lengths; the rest go to one `rapidfuzz.process.cpdist` call (pairwise, in C; a
-    call costs ~20 µs, so all neighbours go together). `a`/`b` are object arrays.
+    The neighbours of (i, j) are b[j-1], b[j+1], a[i-1], a[i+1], each compared with a[i] (= b[j]
+    for an anchor). Where the next point is the diagonal neighbour (i+1, j+1) and a shared token,
+    a[i+1] has b[j+1]'s text: that check is made once (likewise a[i-1] after (i-1, j-1)). The edit
+    distance is at least the length difference, so most neighbours are ruled out by lengths; the
+    rest go to one `rapidfuzz.process.cpdist` call (pairwise, in C). `a`/`b` are object arrays.
     """
     i, j = pts[:, 0], pts[:, 1]
     k = np.arange(len(pts))
-    up_b, dn_b, up_a, dn_a = j > 0, j + 1 < len(b), i > 0, i + 1 < len(a)
+    step = np.diff(pts, axis=0)
+    shared = (a[i] == b[j]).astype(bool)  # every point but a non-anchor start or end
+    diag = (step[:, 0] == 1) & (step[:, 1] == 1)  # (K-1,) point k+1 is point k's diagonal neighbour
+    next_diag, prev_diag = np.append(diag & shared[1:], False), np.insert(diag & shared[:-1], 0, False)
+    up_b, dn_b = j > 0, j + 1 < len(b)
+    up_a, dn_a = (i > 0) & ~prev_diag, (i + 1 < len(a)) & ~next_diag
     who = np.concatenate([k[up_b], k[dn_b], k[up_a], k[dn_a]])  # (N,) the point of each neighbour
     nb_b = np.concatenate([j[up_b] - 1, j[dn_b] + 1])
     nb_a = np.concatenate([i[up_a] - 1, i[dn_a] + 1])
+    la = np.fromiter(map(len, a), dtype=np.int64, count=len(a))
+    lb = np.fromiter(map(len, b), dtype=np.int64, count=len(b))
     near = np.abs(np.concatenate([lb[nb_b], la[nb_a]]) - la[i[who]]) <= theta
     out = np.zeros(len(pts), dtype=bool)
     if near.any():
@@ -345,39 +353,25 @@ def _cheap(a: np.ndarray, b: np.ndarray, la: np.ndarray, lb: np.ndarray, pts: np
     return out
 
 
-class _Cheap:
-    """`_cheap` of the points the window loop asks about. Filled up front for the points next to
-    each gap and, for as long as they are cheap, the ones beyond (a few rounds of one call each);
-    anything else is computed in a block when asked. `flags[q]`: -1 not computed, 0 or 1 (a list:
-    the loop reads it per point)."""
+def _windows(a: np.ndarray, b: np.ndarray, pts: np.ndarray, gaps: np.ndarray, halo: int, theta: int) -> np.ndarray:
+    """(W, 2) windows as point index ranges [lo, hi]: each gap k (point k → k+1 not diagonal)
+    widened by `halo` points on both sides, then further over points that are cheap to step
+    around (`_cheap`); windows that overlap or touch merge.
 
-    def __init__(self, a: np.ndarray, b: np.ndarray, pts: np.ndarray, theta: int, gaps: np.ndarray, halo: int) -> None:
-        self.a, self.b, self.pts, self.theta = a, b, pts, theta
-        self.la = np.fromiter(map(len, a), dtype=np.int64, count=len(a))
-        self.lb = np.fromiter(map(len, b), dtype=np.int64, count=len(b))
-        self.known = np.full(len(pts), -1, dtype=np.int8)
-        left, right = gaps - halo, gaps + 1 + halo  # the first point each side of a gap's window
-        for _ in range(4):
-            left, right = left[(left >= 0) & (left < len(pts))], right[(right >= 0) & (right < len(pts))]
-            if not (len(left) or len(right)):
-                break
-            self._fill(np.concatenate([left, right]))
-            left, right = left[self.known[left] == 1] - 1, right[self.known[right] == 1] + 1
-        self.flags: list[int] = self.known.tolist()
-
-    def _fill(self, idx: np.ndarray) -> None:
-        idx = idx[(idx >= 0) & (idx < len(self.pts))]
-        idx = idx[self.known[idx] < 0]
-        if len(idx):
-            idx = np.unique(idx)
-            self.known[idx] = _cheap(self.a, self.b, self.la, self.lb, self.pts[idx], self.theta)
-
-    def __call__(self, q: int) -> bool:
-        """Point q's flag, computing its block first when a long run of cheap anchors led here."""
-        if self.flags[q] < 0:
-            self._fill(np.arange(q - 32, q + 33))
-            self.flags[:] = self.known.tolist()  # in place: callers hold the list
-        return self.flags[q] == 1
+    Vectorised: a window's low end is the last point at or below k-halo that is not cheap (0 if
+    none), its high end the first at or above k+1+halo that is not cheap (the last point if none).
+    Both ends only grow with k, so a gap starts a new window exactly when its low end lies past
+    the previous gap's high end.
+    """
+    last = len(pts) - 1
+    cheap = _cheap(a, b, pts, theta)
+    q = np.arange(len(pts))
+    below = np.maximum.accumulate(np.where(cheap, -1, q))  # last non-cheap point <= q (-1: none)
+    above = np.minimum.accumulate(np.where(cheap, last + 1, q)[::-1])[::-1]  # first one >= q
+    lo = np.maximum(below[np.maximum(gaps - halo, 0)], 0)
+    hi = np.minimum(above[np.minimum(gaps + 1 + halo, last)], last)
+    first = np.flatnonzero(np.concatenate([[True], lo[1:] > hi[:-1]]))  # gaps that open a window
+    return np.stack([lo[first], hi[np.append(first[1:], len(gaps)) - 1]], axis=1)
 
 
 def _clean(offsets: np.ndarray) -> np.ndarray:
@@ -430,39 +424,20 @@ def align_tokens(a: Sequence[str], b: Sequence[str], a_off: Sequence[Sequence[in
         pts = np.concatenate([np.array(head, dtype=np.int64).reshape(-1, 2), anc, np.array(tail, dtype=np.int64).reshape(-1, 2)])
     last = len(pts) - 1
     step = np.diff(pts, axis=0)
-    gaps = np.flatnonzero((step[:, 0] != 1) | (step[:, 1] != 1)).tolist()  # point k → k+1 is not diagonal
-    # Windows (point index ranges): each gap widened by `halo` points, then over anchors that are
-    # cheap to step around (repetitive text); overlapping windows merge.
-    h = halo or 0
-    cheap = _Cheap(a, b, pts, theta, np.array(gaps, dtype=np.int64), h) if gaps else None
-    flags = cheap.flags if cheap else []
-    windows: list[list[int]] = []
-    for k in gaps:
-        lo, hi = max(0, k - h), min(last, k + 1 + h)
-        if windows and hi <= windows[-1][1]:
-            continue  # this gap and its halo are inside the previous window already
-        floor = windows[-1][1] if windows else 0
-        while lo > floor and (flags[lo] == 1 if flags[lo] >= 0 else cheap(lo)):  # type: ignore[misc]
-            lo -= 1
-        while hi < last and (flags[hi] == 1 if flags[hi] >= 0 else cheap(hi)):  # type: ignore[misc]
-            hi += 1
-        if windows and lo <= windows[-1][1]:
-            windows[-1][1] = hi
-        else:
-            windows.append([lo, hi])
+    gaps = np.flatnonzero((step[:, 0] != 1) | (step[:, 1] != 1))  # point k → k+1 is not diagonal
+    windows = _windows(a, b, pts, gaps, halo or 0, theta) if len(gaps) else np.zeros((0, 2), dtype=np.int64)
     cost = ed(a[pts[0, 0]], b[pts[0, 1]])
-    rect = pts[np.array(windows, dtype=np.int64).reshape(-1, 2)].reshape(-1, 4)  # (W, 4) r0, c0, r1, c1
+    rect = pts[windows].reshape(-1, 4)  # (W, 4) r0, c0, r1, c1
     w_cost, cells, owner = _solve(_costs(a, b, rect), rect[:, 2] - rect[:, 0] + 1, rect[:, 3] - rect[:, 1] + 1)
     cost += int(w_cost.sum())
     # The path: the points outside every window (each window's path replaces its points lo+1..hi)
     # and the windows' cells. A monotone path visits cells in (pivot, source) order: one sort.
     inside = np.zeros(len(pts) + 1, dtype=np.int64)
-    if windows:
-        w = np.array(windows, dtype=np.int64)
-        np.add.at(inside, w[:, 0] + 1, 1)
-        np.add.at(inside, w[:, 1] + 1, -1)
+    if len(windows):
+        np.add.at(inside, windows[:, 0] + 1, 1)
+        np.add.at(inside, windows[:, 1] + 1, -1)
         cells = cells + rect[owner, :2]
-    if not windows or windows[-1][1] < last:  # the end point costs 0 unless it is not an anchor
+    if not len(windows) or windows[-1, 1] < last:  # the end point costs 0 unless it is not an anchor
         cost += ed(a[n - 1], b[m - 1])
     path = np.concatenate([pts[np.cumsum(inside)[:-1] == 0], cells])
     path = path[np.argsort(path[:, 0] * m + path[:, 1], kind="stable")]
