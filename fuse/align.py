@@ -106,16 +106,16 @@ class Alignment:
         return out
 
 
-def _attach(kept: np.ndarray, side: int, own: np.ndarray, other: np.ndarray) -> np.ndarray:
+def _attach(kept: np.ndarray, side: int, own: np.ndarray, other: np.ndarray, presorted: bool = False) -> np.ndarray:
     """Pairs for the tokens of `side` (0 pivot, 1 source) that `kept` leaves without a partner: the
     tokens of the other side that overlap them, within the range that keeps the order of `kept`.
 
     Offsets are non-decreasing in token order, so the tokens overlapping [s, e) are the index range
-    [#tokens ending at or before s, #tokens starting before e).
+    [#tokens ending at or before s, #tokens starting before e). `presorted`: `kept` is already in
+    (side, other side) order (a monotone path's pairs are, both ways).
     """
-    x, y = kept[:, side], kept[:, 1 - side]
-    if len(kept) > 1 and not ((np.diff(x) > 0) | ((np.diff(x) == 0) & (np.diff(y) >= 0))).all():
-        kept = kept[np.lexsort((y, x))]  # (a path's pairs come sorted both ways: no sort then)
+    if not presorted:
+        kept = kept[np.lexsort((kept[:, 1 - side], kept[:, side]))]
     xs, ys = kept[:, side], kept[:, 1 - side]
     has = np.zeros(len(own), dtype=bool)
     has[xs] = True
@@ -144,7 +144,7 @@ def overlap_groups(pairs: np.ndarray, a_off: np.ndarray, b_off: np.ndarray) -> n
     p, s = pairs[:, 0], pairs[:, 1]
     share = np.maximum(a_off[p, 0], b_off[s, 0]) < np.minimum(a_off[p, 1], b_off[s, 1])
     kept = pairs[share]
-    kept = np.concatenate([kept, _attach(kept, 0, a_off, b_off)])
+    kept = np.concatenate([kept, _attach(kept, 0, a_off, b_off, presorted=True)])
     kept = np.concatenate([kept, _attach(kept, 1, b_off, a_off)])
     kept = kept.astype(np.int64)
     # one integer key per pair sorts like (pivot, source); np.unique(axis=0) and hashing are slower

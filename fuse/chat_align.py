@@ -139,9 +139,9 @@ def align_chat(pivot: ChatTokens, source: ChatTokens, pivot_text: TokenText, sou
         if len(pi) and len(si):
             p_off = np.clip(pivot.offsets[pi] - ps, 0, length)
             s_off = np.clip(source.offsets[si] - ss, 0, length)
-            a = _clip_texts(pivot_text.in_context(pivot.ids[pi].tolist(), pivot.offsets[pi], pivot.text),
+            a = _clip_texts(pivot_text.in_context(pivot.ids[pi], pivot.offsets[pi], pivot.text),
                             pivot.offsets[pi], pivot.text, ps, ps + length)
-            b = _clip_texts(source_text.in_context(source.ids[si].tolist(), source.offsets[si], source.text),
+            b = _clip_texts(source_text.in_context(source.ids[si], source.offsets[si], source.text),
                             source.offsets[si], source.text, ss, ss + length)
             al = align_tokens(a, b, p_off, s_off, halo=halo, theta=theta)
             cost += al.cost

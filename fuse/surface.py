@@ -171,12 +171,13 @@ class TokenText:
         A token whose text starts with a space that is not in the source text at its offset
         (`▁Hello` covering `Hello`) stands for the text without it.
         """
-        out = self.texts(ids)
+        out = self.texts(ids.tolist() if isinstance(ids, np.ndarray) else ids)
         if self.kind != "sentencepiece" or not out:
             return out
+        idx = np.asarray(ids, dtype=np.int64)
         off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         start, end = off[:, 0], off[:, 1]
-        k = np.flatnonzero(self._leading_space(ids) & (end > start) & (start < len(text)))
+        k = np.flatnonzero(self._leading_space(idx) & (end > start) & (start < len(text)))
         if len(k):  # ... at an offset whose character is not a space: compare those few in Python
             chars = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
             k = k[chars[start[k]] != 32]
