@@ -321,20 +321,21 @@ def _objects(texts: Sequence[str]) -> np.ndarray:
     return out
 
 
-def _cheap(a: np.ndarray, b: np.ndarray, pts: np.ndarray, theta: int) -> np.ndarray:
+def _cheap(a: np.ndarray, b: np.ndarray, pts: np.ndarray, gaps: np.ndarray, theta: int) -> np.ndarray:
     """(K,) is point (i, j) within edit distance `theta` of a neighbouring token (repetitive text)?
 
     The neighbours of (i, j) are b[j-1], b[j+1], a[i-1], a[i+1], each compared with a[i] (= b[j]
     for an anchor). Where the next point is the diagonal neighbour (i+1, j+1) and a shared token,
     a[i+1] has b[j+1]'s text: that check is made once (likewise a[i-1] after (i-1, j-1)). The edit
     distance is at least the length difference, so most neighbours are ruled out by lengths; the
-    rest go to one `rapidfuzz.process.cpdist` call (pairwise, in C). `a`/`b` are object arrays.
+    rest go to one `rapidfuzz.process.cpdist` call (pairwise, in C). `a`/`b` are object arrays;
+    `gaps`: the points k whose step to k+1 is not diagonal.
     """
     i, j = pts[:, 0], pts[:, 1]
     k = np.arange(len(pts))
-    step = np.diff(pts, axis=0)
     shared = (a[i] == b[j]).astype(bool)  # every point but a non-anchor start or end
-    diag = (step[:, 0] == 1) & (step[:, 1] == 1)  # (K-1,) point k+1 is point k's diagonal neighbour
+    diag = np.ones(max(len(pts) - 1, 0), dtype=bool)  # (K-1,) point k+1 is point k's diagonal neighbour
+    diag[gaps] = False
     next_diag, prev_diag = np.append(diag & shared[1:], False), np.insert(diag & shared[:-1], 0, False)
     up_b, dn_b = j > 0, j + 1 < len(b)
     up_a, dn_a = (i > 0) & ~prev_diag, (i + 1 < len(a)) & ~next_diag
@@ -364,7 +365,7 @@ def _windows(a: np.ndarray, b: np.ndarray, pts: np.ndarray, gaps: np.ndarray, ha
     the previous gap's high end.
     """
     last = len(pts) - 1
-    cheap = _cheap(a, b, pts, theta)
+    cheap = _cheap(a, b, pts, gaps, theta)
     q = np.arange(len(pts))
     below = np.maximum.accumulate(np.where(cheap, -1, q))  # last non-cheap point <= q (-1: none)
     above = np.minimum.accumulate(np.where(cheap, last + 1, q)[::-1])[::-1]  # first one >= q
