@@ -159,8 +159,7 @@ def align_chat(pivot: ChatTokens, source: ChatTokens, pivot_text: TokenText, sou
             eot += 1
     def stack(xs: list[np.ndarray]) -> np.ndarray:
         out = np.concatenate(xs) if xs else np.zeros((0, 2), dtype=np.int64)
-        if len(out) < 2 or ((np.diff(out[:, 0]) > 0) | ((np.diff(out[:, 0]) == 0) & (np.diff(out[:, 1]) >= 0))).all():
-            return out  # replies in order, each sorted: usually already (pivot, source) order
-        return out[np.lexsort((out[:, 1], out[:, 0]))]
+        # (pivot, source) order by one integer key; a stable sort of the usually sorted key is cheap
+        return out[np.argsort(out[:, 0] * m + out[:, 1], kind="stable")]
 
     return ChatAlignment(n, m, stack(paths), int(cost), exact, stack(parts), turn=turn, end_of_turn=eot)

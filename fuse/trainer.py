@@ -245,7 +245,7 @@ def _merge_lora(model: Any, pivot_dir: str, load_dtype: torch.dtype, save_dtype:
     precision than the target is saved in (a bf16 base under a float32 pivot), the adapters are
     merged into a fresh load of the pivot at `save_dtype`: the frozen weights stay exactly the
     pivot's, not bf16-rounded copies."""
-    if load_dtype == save_dtype or torch.finfo(load_dtype).bits >= torch.finfo(save_dtype).bits:
+    if torch.finfo(load_dtype).bits >= torch.finfo(save_dtype).bits:
         return model.merge_and_unload()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
