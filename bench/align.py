@@ -50,7 +50,7 @@ from fuse.coverage import Coverage  # noqa: E402
 from fuse.surface import TokenText  # noqa: E402
 from fuse.vocab import VocabMapBuilder  # noqa: E402
 
-ASSETS = REPO.parent / "shared" / "assets"
+from core.assets import asset_dir  # noqa: E402
 NAMES = ("llama2", "llama3", "qwen3", "gemma3")
 BLOCK = 100  # naive DP rows between two pivotfuse runs
 
@@ -126,8 +126,8 @@ def timed(blocks: Generator[None, None, Any], between: Callable[[], None]) -> tu
 def chats(tok: TokenText, n_samples: int, n_tokens: int) -> list[list[dict]]:
     """A question and one long reply made of GPT-4 reference answers, about n_tokens tokens in all:
     the full n×m grid of a 2k-token sample, as FuseLLM aligns it."""
-    qs = {json.loads(l)["question_id"]: json.loads(l) for l in (ASSETS / "mt_bench" / "question.jsonl").open()}
-    ans = [json.loads(l) for l in (ASSETS / "mt_bench" / "reference_answer" / "gpt-4.jsonl").open()]
+    qs = {json.loads(l)["question_id"]: json.loads(l) for l in (asset_dir("mt_bench") / "question.jsonl").open()}
+    ans = [json.loads(l) for l in (asset_dir("mt_bench") / "reference_answer" / "gpt-4.jsonl").open()]
     pairs = [(q, a) for r in ans for q, a in zip(qs[r["question_id"]]["turns"], r["choices"][0]["turns"])]
     out, k = [], 0
     for _ in range(n_samples):
@@ -164,7 +164,7 @@ def main() -> None:
 
     toks = {}
     for n in NAMES:
-        tok = AutoTokenizer.from_pretrained(str(ASSETS / "tokenizers" / n))
+        tok = AutoTokenizer.from_pretrained(str(asset_dir(n)))
         if not tok.chat_template:
             tok.chat_template = LLAMA2
         toks[n] = TokenText(tok)

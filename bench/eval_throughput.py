@@ -33,7 +33,7 @@ from evals.config import EvalConfig  # noqa: E402
 from evals.loss import chat_losses  # noqa: E402
 from world.corpus import DOMAINS, FactTable, make_conversation  # noqa: E402
 
-QWEN3 = Path(__file__).resolve().parents[2] / "shared" / "assets" / "tokenizers" / "qwen3"
+from core.assets import asset_dir  # noqa: E402
 
 
 def loss_one_by_one(model, tok, convs) -> list[float]:
@@ -53,13 +53,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=64)
     args = ap.parse_args()
-    if not QWEN3.is_dir():
-        sys.exit(f"{QWEN3} is absent: the bench needs the shared Qwen3 tokenizer")
+    qwen3 = asset_dir("qwen3")  # a one-line error when `make install` has not fetched it
     rng = random.Random(0)
     table = FactTable.make(random.Random("facts-0"))
     convs = [make_conversation(DOMAINS[i % 4], rng, table, str(i)) for i in range(args.chats)]
     with tempfile.TemporaryDirectory() as tmp:
-        tok = AutoTokenizer.from_pretrained(QWEN3)
+        tok = AutoTokenizer.from_pretrained(qwen3)
         torch.manual_seed(3)
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -39,11 +39,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import fuse.extract as fx  # noqa: E402
+from core.assets import asset_dir  # noqa: E402
 from core.chat import load_conversations  # noqa: E402
 from fuse.extract_score import score_batch  # noqa: E402, F401  (imported before timing starts)
 from fuse.store import LogitStore, StoreWriter, read_manifest  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared/assets/tokenizers"
 INST = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
         "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
 WORDS = ("the model reads every reply with its own template and keeps ten candidates per token while "
@@ -54,10 +54,8 @@ WORDS = ("the model reads every reply with its own template and keeps ten candid
 def build_model(out: Path, hidden: int, layers: int) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    if not ASSETS.is_dir():
-        sys.exit(f"bench/extract.py: tokenizer assets not found at {ASSETS} (pass --model DIR)")
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(str(ASSETS / "llama2"))
+    tok = AutoTokenizer.from_pretrained(str(asset_dir("llama2")))
     tok.chat_template = INST
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 8 // 3,
                       num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 2), max_position_embeddings=4096,

@@ -11,25 +11,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the Hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO.parent / "shared" / "assets"
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is absent (a clone outside the pivotfuse workspace): test needs shared assets")
-    return path
 
 
 @pytest.fixture(scope="session")
 def assets() -> Path:
-    """`../shared/assets` (real tokenizer files, MT-Bench files); skips when absent."""
-    return _need(ASSETS)
+    """The asset root (`core.assets`: real tokenizer files, MT-Bench files), checked."""
+    from asset_paths import need_asset
+
+    for name in ("llama2", "llama3", "qwen3", "gemma3", "mt_bench"):
+        need_asset(name)
+    from core.assets import asset_root
+
+    return asset_root()
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dirs(assets: Path) -> dict[str, Path]:
     """The four real tokenizer folders: llama2, llama3, qwen3, gemma3."""
-    return {n: _need(assets / "tokenizers" / n) for n in ("llama2", "llama3", "qwen3", "gemma3")}
+    return {n: assets / "tokenizers" / n for n in ("llama2", "llama3", "qwen3", "gemma3")}
 
 
 @pytest.fixture(scope="session")

@@ -9,21 +9,15 @@ from pathlib import Path
 
 import pytest
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-MT_BENCH = ASSETS / "mt_bench"
+from asset_paths import need_asset
 
 
 def tokenizer_dir(name: str) -> Path:
-    path = ASSETS / "tokenizers" / name
-    if not path.is_dir():
-        pytest.skip(f"shared test tokenizer {path} is absent (a clone outside this workspace)")
-    return path
+    return need_asset(name)
 
 
 def mt_bench_dir() -> Path:
-    if not (MT_BENCH / "question.jsonl").is_file():
-        pytest.skip(f"FastChat MT-Bench files are absent at {MT_BENCH}")
-    return MT_BENCH
+    return need_asset("mt_bench")
 
 
 def build_tiny_chat_model(out: Path, tokenizer: str, seed: int = 0, arch: str = "llama") -> Path:

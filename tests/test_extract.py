@@ -17,18 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from asset_paths import need_asset
 from core.errors import PivotfuseError
 from fuse.extract import ExtractConfig, extract
 from fuse.store import LogitStore
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = REPO.parent / "shared/assets/tokenizers"
 MAX_LEN = 96
 INST = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ '<<SYS>>\\n' + m['content'] + "
         "'\\n<</SYS>>\\n\\n' }}{% elif m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
         "{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
 
-pytestmark = pytest.mark.skipif(not ASSETS.is_dir(), reason=f"tokenizer assets not found at {ASSETS}")
 
 
 def _rows() -> list[dict]:
@@ -56,7 +55,7 @@ def _build(kind: str, out: Path, template: str | None = "own") -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(str(ASSETS / ("llama2" if kind == "llama" else "qwen3")))
+    tok = AutoTokenizer.from_pretrained(str(need_asset("llama2" if kind == "llama" else "qwen3")))
     common = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   initializer_range=0.3)  # a wide init gives peaked, untied distributions to check top-k on

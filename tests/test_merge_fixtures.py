@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 # "Equal to the formula": a couple of float32 ulps (summation order differs, nothing else).
 ULPS = {"rtol": 3e-7, "atol": 1e-8}
 

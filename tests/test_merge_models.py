@@ -12,7 +12,8 @@ import yaml
 import cli
 from merge.config import MergeConfig
 from merge.merger import merge_models
-from test_merge_fixtures import (ULPS, ASSETS, build_family, load_sd, ref_linear, ref_sce, ref_task_arithmetic,
+from asset_paths import need_asset
+from test_merge_fixtures import (ULPS, build_family, load_sd, ref_linear, ref_sce, ref_task_arithmetic,
                                  ref_ties, ref_varm)
 
 
@@ -81,9 +82,7 @@ def test_dare_merges_are_reproducible_and_drop_the_asked_share(family, tmp_path)
 def test_output_loads_generates_and_keeps_tokenizer(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok_dir = ASSETS / "tokenizers" / "llama2"
-    if not tok_dir.is_dir():
-        pytest.skip(f"shared test tokenizer {tok_dir} is absent")
+    tok_dir = need_asset("llama2")
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tok.chat_template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}</s>{% endfor %}"
     base, targets = build_family(tmp_path / "fam", tied=True, vocab=len(tok), hidden=16, tokenizer=tok,

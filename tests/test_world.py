@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from core.chat import load_conversations, render_chat
+from core.errors import PivotfuseError
 from world.build import build_world
 from world.config import WorldConfig
 from world.corpus import DOMAINS, SKILLS, check_answer, make_corpus
@@ -111,3 +112,20 @@ def test_each_source_is_the_expert_of_its_domain(world):
     recorded = {m["name"]: m["heldout_nats_per_char"] for m in meta["models"]}
     for (name, d), v in loss.items():
         assert v == pytest.approx(recorded[name][d], abs=1e-3)
+
+
+def test_world_out_refuses_a_file_or_a_foreign_folder_before_any_work(tmp_path):
+    """`world --out` never deletes what is not a world, and says so before building anything."""
+    from cli import main
+
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine too")
+    for out, why in ((f, "is a file"), (mine, "not a demo world")):
+        with pytest.raises(PivotfuseError, match=why):
+            build_world(WorldConfig(out=str(out), **TINY), progress=False)
+        assert main(["world", "--out", str(out)]) == 2
+    assert f.read_text() == "mine" and (mine / "keep.txt").read_text() == "mine too"
+    assert not (tmp_path / "mine.tmp").exists() and not (tmp_path / "notes.txt.tmp").exists()

@@ -24,14 +24,13 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from core.assets import asset_root, missing
 from core.chat import write_conversations
 from core.errors import PivotfuseError
 from world import corpus
 from world.config import WorldConfig
 from world.models import PLANS, build_model
 from world.train import loss_per_char, train
-
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 
 
 def fingerprint(cfg: WorldConfig) -> str:
@@ -89,13 +88,29 @@ def _train_one(i: int, cfg: WorldConfig, splits: dict[str, list[corpus.Conversat
             "heldout_nats_per_char": {d: round(loss_per_char(model, tok, c), 4) for d, c in heldout.items()}}
 
 
-def build_world(cfg: WorldConfig, assets: Path = ASSETS, progress: bool = True) -> dict:
+def check_out(out: Path) -> None:
+    """Refuse, before any work, an output that is a file or a non-empty folder that is no world.
+
+    A world folder (one with `world.json`) is rebuilt in place when its fingerprint differs: that
+    is the cache. Anything else there is the user's, and is never deleted.
+    """
+    if out.exists() and not out.is_dir():
+        raise PivotfuseError(f"world.out: {out} is a file, not a world folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "world.json").is_file():
+        raise PivotfuseError(f"world.out: {out} is a non-empty folder that is not a demo world (no world.json); "
+                             "choose another folder or empty it yourself")
+
+
+def build_world(cfg: WorldConfig, assets: Path | None = None, progress: bool = True) -> dict:
     """Build the world into `cfg.out` unless an identical one is there; return its `world.json`.
 
+    `assets` is the asset root (`core.assets`: the real Llama-2 tokenizer); default the set-up's.
     A lock file serialises concurrent builders (parallel test sessions, two demos): the second
     waits, then finds the finished world and reuses it.
     """
     out = Path(cfg.out)
+    check_out(out)
+    assets = Path(assets) if assets is not None else asset_root()
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(out.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -109,8 +124,9 @@ def _build_locked(cfg: WorldConfig, out: Path, assets: Path, progress: bool) -> 
         meta = json.loads(meta_path.read_text())
         if meta.get("fingerprint") == fp:
             return meta
-    if not (assets / "tokenizers" / "llama2").is_dir():
-        raise PivotfuseError(f"{assets}/tokenizers/llama2: Llama-2 tokenizer files not found (needed by the world)")
+    if missing("llama2", assets):
+        raise PivotfuseError(f"{assets}/tokenizers/llama2: the real Llama-2 tokenizer files (needed by the world) are "
+                             "missing or altered; run `make install` (or `python -m core.assets fetch`)")
     t0 = time.time()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -28,10 +28,10 @@ TEMPLATES = {"chatml": CHATML, "llama2": LLAMA2, "zephyr": ZEPHYR}
 
 
 def llama2_tokenizer(assets: Path) -> PreTrainedTokenizerFast:
-    """The real Llama-2 tokenizer from the shared assets, given Llama-2's chat template."""
+    """The real Llama-2 tokenizer from the asset folder (`core.assets`), given Llama-2's chat template."""
     folder = assets / "tokenizers" / "llama2"
     if not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{folder}: Llama-2 tokenizer files not found (see shared/assets/tokenizers/README.md)")
+        raise FileNotFoundError(f"{folder}: Llama-2 tokenizer files not found (run `python -m core.assets fetch`)")
     tok = AutoTokenizer.from_pretrained(str(folder))
     tok.chat_template = LLAMA2
     tok.pad_token = tok.unk_token
