@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
+
+from core.offline import force_offline
 
 # command -> (module, one-line help). Only commands that work are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -25,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the Hub at run time
+    force_offline()  # never reach for the Hub at run time, whatever the environment says
     # Build only the sub-parser that is asked for: importing every command's module
     # (torch, transformers, trl) for one `--help` would cost seconds.
     if argv and argv[0] in COMMANDS:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 import json
-import os
 import random
 import shutil
 import sys
@@ -33,7 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from core.offline import force_offline  # noqa: E402
+
+force_offline()  # before transformers/trl are imported: no Hub, no telemetry, whatever the environment says
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

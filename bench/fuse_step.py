@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from core.offline import force_offline  # noqa: E402
+
+force_offline()  # before transformers/trl are imported: no Hub, no telemetry, whatever the environment says
 
 import torch  # noqa: E402
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -104,7 +105,15 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise PivotfuseError(f"{src}: '{key}' expects a number, got {value!r}")
-        return float(value)
+        # NaN/inf pass every range check (`nan <= 0` is False) and then poison a whole model:
+        # refused here, once, for every float field however it was given (YAML, --set, flags).
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise PivotfuseError(f"{src}: '{key}' expects a finite number, got {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise PivotfuseError(f"{src}: '{key}' expects a string, got {value!r}")
@@ -116,7 +125,8 @@ def from_dict(cls: type[T], data: dict, *, src: str = "config", prefix: str = ""
     """Build dataclass `cls` from `data`, refusing unknown keys and wrong types.
 
     After construction the dataclass's own `validate()` (if any) runs; it raises
-    `ValueError("field: reason")`, which is turned into a one-line error naming the file.
+    `ValueError("field: reason")`, which is turned into a one-line error naming the file
+    and the key: `FILE: 'prefix.field': reason`.
     """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -139,8 +149,17 @@ def from_dict(cls: type[T], data: dict, *, src: str = "config", prefix: str = ""
         try:
             validate()
         except ValueError as e:
-            raise PivotfuseError(f"{src}: '{prefix}{e}") from None
+            raise PivotfuseError(f"{src}: {_validation_message(str(e), prefix)}") from None
     return obj
+
+
+def _validation_message(text: str, prefix: str) -> str:
+    """`field: reason` from a `validate()` → `'prefix.field': reason`, the key quoted whole."""
+    name, sep, reason = text.partition(": ")
+    if sep and name and " " not in name:
+        return f"'{prefix}{name}': {reason}"
+    # no leading field name: the reason is about the section itself
+    return f"'{prefix[:-1]}': {text}" if prefix else text
 
 
 def to_dict(obj: Any) -> Any:

@@ -13,6 +13,7 @@ import re
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -40,20 +41,65 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
+# '@' followed by a scheme starts the endpoint; model ids may hold '@' themselves
+# ("claude-3-5-sonnet@20240620", Cloudflare's "@cf/meta/llama-3-8b-instruct").
+_AT_URL = re.compile(r"@(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+# '@' followed by what can only be a host (localhost, an IPv4 address, a name with a port, or a
+# dotted name with a path) and no scheme: an endpoint missing its http(s)://, not part of an id.
+_AT_HOST = re.compile(r"@(?=(?:localhost|\d{1,3}(?:\.\d{1,3}){3})(?::\d+)?(?:/|$)|[A-Za-z0-9.-]+:\d+(?:/|$)"
+                      r"|[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}/)")
+
+
+def _checked_url(url: str, spec: str, origin: str) -> str:
+    """`url` without a trailing '/' when the client can use it as an endpoint, else a one-line error.
+
+    Only http(s) with a host is usable; anything else used to fall back to OpenAI's public
+    endpoint, sending the API key and the prompts to a server the user never named.
+    """
+    what = f"{spec!r}: base URL {url!r}{origin}"
+    try:
+        if any(c.isspace() for c in url):
+            raise ValueError("it contains white space")
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in range
+    except ValueError as e:
+        raise PivotfuseError(f"{what} is not a valid URL ({e})") from None
+    if parts.scheme.lower() not in ("http", "https"):
+        raise PivotfuseError(f"{what} must start with http:// or https://")
+    if not parts.hostname:
+        raise PivotfuseError(f"{what} has no host (expected e.g. http://127.0.0.1:8000/v1)")
+    if parts.username is not None or parts.password is not None:
+        raise PivotfuseError(f"{what} holds credentials: pass the key in the variable named by api_key_env")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise PivotfuseError(f"{what} has a query or fragment: /chat/completions is appended to it")
+    return url.rstrip("/")
+
+
 def parse_spec(spec: str, default_base_url: str | None = None) -> ModelRef:
-    """`[NAME=]FOLDER` or `[NAME=]openai:MODEL[@BASE_URL]` → ModelRef (folders must exist)."""
+    """`[NAME=]FOLDER` or `[NAME=]openai:MODEL[@BASE_URL]` → ModelRef (folders must exist).
+
+    The endpoint is `BASE_URL`, else `default_base_url` (a recipe's `eval.base_url`), else
+    `$OPENAI_BASE_URL`, else OpenAI's; whichever it is must be a usable http(s) URL.
+    """
     name = None
     m = re.match(r"^([A-Za-z0-9._-]+)=(.+)$", spec)
     if m:
         name, spec = m.group(1), m.group(2)
     if spec.startswith("openai:"):
-        model, _, url = spec[len("openai:"):].partition("@")
-        if url and not url.startswith(("http://", "https://")):  # '@' inside the model id
-            model, url = spec[len("openai:"):], ""
-        if not model:
+        body = spec[len("openai:"):]
+        at = _AT_URL.search(body) or _AT_HOST.search(body)
+        model, url = (body[:at.start()], body[at.end():]) if at else (body, "")
+        if not model or model.endswith("@"):
             raise PivotfuseError(f"{spec!r}: expected openai:MODEL_ID[@BASE_URL]")
-        url = url or default_base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
-        return ModelRef(name or safe_name(model.rsplit("/", 1)[-1]), "openai", model, url.rstrip("/"))
+        if url:
+            url = _checked_url(url, spec, "")
+        elif default_base_url:
+            url = _checked_url(default_base_url, spec, " (the default base_url)")
+        elif os.environ.get("OPENAI_BASE_URL"):
+            url = _checked_url(os.environ["OPENAI_BASE_URL"], spec, " (from $OPENAI_BASE_URL)")
+        else:
+            url = DEFAULT_BASE_URL
+        return ModelRef(name or safe_name(model.rsplit("/", 1)[-1]), "openai", model, url)
     path = Path(spec)
     if not path.is_dir():
         raise PivotfuseError(f"{spec!r}: not a model folder (or use openai:MODEL_ID[@BASE_URL] for an endpoint)")

@@ -17,7 +17,7 @@ import shutil
 import struct
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -116,6 +116,7 @@ class SafetensorsReader:
                 raise PivotfuseError(f"model {self.label}: {INDEX_NAME} is corrupt (no 'weight_map' mapping)") from None
             headers: dict[str, dict[str, TensorInfo]] = {}
             for name, shard in weight_map.items():
+                self._check_shard_name(index, name, shard)
                 if shard not in headers:
                     path = self.folder / shard
                     if not path.is_file():
@@ -135,6 +136,18 @@ class SafetensorsReader:
         self.infos = dict(sorted(infos.items(), key=lambda kv: (str(kv[1].file), kv[1].offset)))
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
+
+    def _check_shard_name(self, index: Path, name: str, shard: object) -> None:
+        """A shard must be a file name inside the model folder: an index is input we do not trust,
+        and `../other/model.safetensors` or an absolute path would read another model's weights.
+        Checked on the name as written, not the resolved path, so symlinked shards (the Hub
+        cache's snapshot folders link every file to ../../blobs) stay readable."""
+        where = f"model {self.label}: {index} field 'weight_map.{name}'"
+        parts = PurePosixPath(shard.replace("\\", "/")).parts if isinstance(shard, str) else ()
+        if not parts:
+            raise PivotfuseError(f"{where} must be a shard file name, got {shard!r}")
+        if parts[0] == "/" or ".." in parts:
+            raise PivotfuseError(f"{where} names shard {shard!r} outside the model folder")
 
     @property
     def names(self) -> list[str]:

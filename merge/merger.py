@@ -42,6 +42,17 @@ def _tied_source(name: str, reader: SafetensorsReader, shape: tuple[int, ...]) -
     return None
 
 
+def _kind(dtype: torch.dtype) -> str:
+    """'float', 'bool' or 'integer': dtypes of one kind convert into each other without change of meaning."""
+    if dtype.is_floating_point:
+        return "float"
+    return "bool" if dtype == torch.bool else "integer"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def plan_merge(base: SafetensorsReader, models: list[SafetensorsReader], dtype: str | None) -> list[Item]:
     """Check every model has the base's tensors with the base's shapes; return the work list."""
     k = len(models)
@@ -55,6 +66,12 @@ def plan_merge(base: SafetensorsReader, models: list[SafetensorsReader], dtype: 
             if r.infos[src].shape != info.shape:
                 raise PivotfuseError(f"model {r.label}: tensor {name} has shape {list(r.infos[src].shape)}, "
                                      f"base {base.label} has {list(info.shape)}")
+            if _kind(r.infos[src].dtype) != _kind(info.dtype):
+                # an integer tensor would be read as floats and merged (or a float one dropped
+                # for the base's buffer): the two checkpoints do not hold the same thing
+                raise PivotfuseError(f"model {r.label}: tensor {name} is {_dtype_name(r.infos[src].dtype)}, "
+                                     f"base {base.label} has {_dtype_name(info.dtype)} "
+                                     f"({_kind(r.infos[src].dtype)} vs {_kind(info.dtype)})")
             sources.append(src)
         merge = info.dtype.is_floating_point
         out_dtype = _DTYPES[dtype] if (dtype and merge) else info.dtype
@@ -104,6 +121,8 @@ def merge_models(base: str, models: list[str], config: MergeConfig, out: str, ov
     t_start = time.perf_counter()
     if not models:
         raise PivotfuseError("models: at least one model is required")
+    if threads is not None and threads < 1:  # 0 or less would silently mean torch's default
+        raise PivotfuseError(f"threads: must be at least 1, got {threads}")
     weights = list(config.weights) if config.weights is not None else [1.0] * len(models)
     if len(weights) != len(models):
         raise PivotfuseError(f"weights: {len(weights)} given for {len(models)} models")

@@ -75,10 +75,15 @@ def _release_free_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def _check_finite(t: torch.Tensor, label: str, name: str) -> None:
-    # A float32 sum is finite whenever every element is, barring overflow (|sum| > 3e38),
+def _all_finite(t: torch.Tensor) -> bool:
+    # A sum is finite whenever every element is, barring overflow (float32: |sum| > 3e38),
     # which the exact element-wise check then tells apart; NaN and inf always propagate.
-    if not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
+    # (`sum(dtype=float32)` would avoid a float16 overflow but copies the tensor to float32 first.)
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _check_finite(t: torch.Tensor, label: str, name: str) -> None:
+    if not _all_finite(t):
         raise PivotfuseError(f"model {label}: tensor {name} contains NaN or inf")
 
 
@@ -121,6 +126,13 @@ def stream(base_r: SafetensorsReader, readers: list[SafetensorsReader], todo: li
             while (msg := q_out.get()) is not None:
                 it, tensor, rec = msg
                 t0 = time.perf_counter()
+                # Inputs are finite (checked on reading), yet the output may not be: an extreme
+                # --scale or weight overflows float32, a --dtype float16 output overflows at 65504.
+                # Checked here, on the writer's thread, so it overlaps with the next merge.
+                if it.merge and not _all_finite(tensor):
+                    dtype = str(it.out_dtype).removeprefix("torch.")
+                    raise PivotfuseError(f"merged tensor {it.name} contains NaN or inf as {dtype}: nothing is "
+                                         "published (check the weights, scale and output dtype)")
                 writer.write(it.name, tensor)
                 del msg, tensor  # freed before the budget lets the reader fetch more
                 fh.write(json.dumps(rec) + "\n")

@@ -113,7 +113,7 @@ def test_align_cli_bad_inputs(tokenizer_dirs, tmp_path, capsys):
     cases = [
         (["--pivot", str(tmp_path / "nope"), "--source", llama3, "--data", str(data)], "nope: model folder not found"),
         (["--pivot", llama3, "--source", llama3, "--data", str(tmp_path / "none.jsonl")], "data file not found"),
-        (["--pivot", llama3, "--source", llama3, "--data", str(data), "--halo", "-1"], "'halo: must be >= 0"),
+        (["--pivot", llama3, "--source", llama3, "--data", str(data), "--halo", "-1"], "'halo': must be >= 0"),
         (["--pivot", llama3, "--source", llama3, "--data", str(data), "--source-chat-template", "x.jinja"],
          "x.jinja: chat template file not found"),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import apply_overrides, field, from_dict, load_config
+from core.config import add_arguments, apply_overrides, field, from_args, from_dict, load_config
 from core.errors import PivotfuseError
 from core.recipe import load_recipe
 
@@ -54,7 +55,10 @@ def test_valid_config_and_defaults(tmp_path):
     ("name: x\ninner: {k: 1.5}\n", "'inner.k' expects an integer"),
     ("name: x\nflag: 3\n", "'flag' expects true/false"),
     ("name: x\nmode: maxce\n", "'mode' must be one of"),
-    ("name: x\nlr: -1\n", "'lr: must be > 0"),
+    ("name: x\nlr: -1\n", "'lr': must be > 0"),
+    ("name: x\nlr: .nan\n", "'lr' expects a finite number, got nan"),
+    ("name: x\nlr: -.inf\n", "'lr' expects a finite number, got -inf"),
+    ("name: x\nlr: " + "9" * 400 + "\n", "'lr' expects a finite number"),
     ("lr: 1\n", "missing required key 'name'"),
     ("name: [1\n", "invalid YAML"),
     ("- a\n- b\n", "expected a mapping"),
@@ -65,6 +69,64 @@ def test_bad_config_names_key_and_file(tmp_path, text, needle):
         load_config(Cfg, p)
     msg = str(e.value)
     assert needle in msg and str(p) in msg and "\n" not in msg
+
+
+@dataclass
+class Floats:
+    x: float = field(1.0, help="a float")
+    xs: list[float] | None = field(None, help="a list of floats")
+    by_name: dict[str, float] = field(default_factory=dict, help="floats by name")
+
+
+def _message(fn) -> str:
+    with pytest.raises(PivotfuseError) as e:
+        fn()
+    return str(e.value)
+
+
+def test_non_finite_floats_are_refused_from_yaml_set_and_flags(tmp_path):
+    """NaN passes every range check (`nan <= 0` is False): each float is checked where it is read."""
+    for text, tail in [("xs: [1, .inf]\n", "'xs[1]' expects a finite number, got inf"),
+                       ("by_name: {a: 1, b: .nan}\n", "'by_name.b' expects a finite number, got nan"),
+                       ("x: -.inf\n", "'x' expects a finite number, got -inf")]:
+        p = _yaml(tmp_path, text)
+        assert _message(lambda: load_config(Floats, p)) == f"{p}: {tail}"
+    assert _message(lambda: load_config(Floats, None, ["xs=[.nan, 2]"])) == \
+        "--set: 'xs[0]' expects a finite number, got nan"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, Floats)
+    for argv, tail in [(["--x", "nan"], "'x' expects a finite number, got nan"),
+                       (["--xs", "1", "inf"], "'xs[1]' expects a finite number, got inf")]:
+        assert _message(lambda: from_args(Floats, parser.parse_args(argv))) == f"command line: {tail}"
+    ok = from_args(Floats, parser.parse_args(["--x", "-2.5", "--xs", "1e300", "0"]))
+    assert (ok.x, ok.xs) == (-2.5, [1e300, 0.0])  # finite extremes stay accepted
+
+
+@dataclass
+class Pair:
+    a: int = field(0, help="a")
+    b: int = field(0, help="b")
+
+    def validate(self) -> None:
+        if self.a and self.b:
+            raise ValueError("give a or b, not both")
+        if self.a < 0:
+            raise ValueError(f"a: must be >= 0, got {self.a}")
+
+
+@dataclass
+class Outer:
+    pair: Pair = field(default_factory=Pair, help="nested")
+
+
+def test_validation_messages_quote_the_whole_key():
+    """`validate()` says `field: reason`; the message quotes the key whole, balanced."""
+    cases = [(Pair, {"a": -1}, "cfg.yaml: 'a': must be >= 0, got -1"),
+             (Outer, {"pair": {"a": -1}}, "cfg.yaml: 'pair.a': must be >= 0, got -1"),
+             (Outer, {"pair": {"a": 1, "b": 1}}, "cfg.yaml: 'pair': give a or b, not both"),
+             (Pair, {"a": 1, "b": 1}, "cfg.yaml: give a or b, not both")]
+    for cls, data, message in cases:
+        assert _message(lambda: from_dict(cls, data, src="cfg.yaml")) == message
 
 
 def test_overrides():
@@ -101,9 +163,9 @@ def test_recipe_errors(tmp_path):
     p = _yaml(tmp_path, base.replace('{name: facts', '{name: arith'))
     with pytest.raises(PivotfuseError, match="duplicate model name 'arith'"):
         load_recipe(p)
-    with pytest.raises(PivotfuseError, match="merge: name 'ties' is used twice"):
+    with pytest.raises(PivotfuseError, match="'merge': name 'ties' is used twice"):
         load_recipe(REPO / "recipes" / "demo.yaml", ["merge.5.name=ties"])
-    with pytest.raises(PivotfuseError, match="'world.train_steps: must be > 0"):
+    with pytest.raises(PivotfuseError, match="'world.train_steps': must be > 0"):
         load_recipe(REPO / "recipes" / "demo.yaml", ["world.train_steps=0"])
 
 

@@ -257,3 +257,45 @@ def test_specs():
     assert (ref.name, ref.target, ref.base_url) == ("judge-7b", "org/judge-7b", "http://127.0.0.1:9/v1")
     with pytest.raises(PivotfuseError, match="not a model folder"):
         parse_spec("/no/such/folder")
+
+
+def test_model_ids_may_hold_at_signs():
+    ref = parse_spec("openai:claude-3-5-sonnet@20240620", default_base_url="http://127.0.0.1:9/v1")
+    assert (ref.target, ref.base_url) == ("claude-3-5-sonnet@20240620", "http://127.0.0.1:9/v1")
+    ref = parse_spec("cf=openai:@cf/meta/llama-3.1-8b@HTTPS://h.example/v1")
+    assert (ref.name, ref.target, ref.base_url) == ("cf", "@cf/meta/llama-3.1-8b", "HTTPS://h.example/v1")
+    ref = parse_spec("openai:a@b@http://[::1]:8000/v1/")
+    assert (ref.target, ref.base_url) == ("a@b", "http://[::1]:8000/v1")
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("openai:x@ftp://127.0.0.1/v1", "'ftp://127.0.0.1/v1' must start with http:// or https://"),
+    ("j=openai:x@file:///etc/passwd", "'file:///etc/passwd' must start with http:// or https://"),
+    ("openai:x@localhost:8000/v1", "'localhost:8000/v1' must start with http:// or https://"),
+    ("openai:x@127.0.0.1/v1", "'127.0.0.1/v1' must start with http:// or https://"),
+    ("openai:x@api.example.com/v1", "'api.example.com/v1' must start with http:// or https://"),
+    ("openai:x@https://", "'https://' has no host"),
+    ("openai:x@http://h:port/v1", "'http://h:port/v1' is not a valid URL"),
+    ("openai:x@http://h /v1", "'http://h /v1' is not a valid URL"),
+    ("openai:x@http://user:pw@h/v1", "'http://user:pw@h/v1' holds credentials"),
+    ("openai:x@http://h/v1?k=1", "'http://h/v1?k=1' has a query or fragment"),
+])
+def test_unusable_endpoint_urls_are_refused_never_replaced(spec, why, monkeypatch):
+    """A URL the client cannot use used to become part of the model id, sent (with the API key)
+    to OpenAI's public endpoint: it must be refused, naming the spec."""
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with pytest.raises(PivotfuseError) as e:
+        parse_spec(spec)
+    assert str(e.value).startswith(f"{spec.removeprefix('j=')!r}: base URL {why}")
+
+
+def test_default_endpoints_are_checked_too(monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", "file:///etc")
+    with pytest.raises(PivotfuseError, match=r"^'openai:m': base URL 'file:///etc' \(from \$OPENAI_BASE_URL\) "
+                                             r"must start with http:// or https://$"):
+        parse_spec("openai:m")
+    with pytest.raises(PivotfuseError, match=r"^'openai:m': base URL 'gopher://h' \(the default base_url\)"):
+        parse_spec("openai:m", default_base_url="gopher://h")
+    assert parse_spec("openai:m", default_base_url="http://127.0.0.1:9/v1").base_url == "http://127.0.0.1:9/v1"
+    with pytest.raises(PivotfuseError, match=r"^'openai:m@': expected openai:MODEL_ID\[@BASE_URL\]$"):
+        parse_spec("openai:m@")

@@ -19,13 +19,15 @@ def test_parse_size():
 
 @pytest.mark.parametrize("data, message", [
     ({"method": "slerp"}, "'method' must be one of"),
-    ({"select_topk": 0}, r"select_topk: must be in \(0, 1\]"),
-    ({"density": 1.5}, r"density: must be in \(0, 1\]"),
+    ({"select_topk": 0}, r"'select_topk': must be in \(0, 1\]"),
+    ({"density": 1.5}, r"'density': must be in \(0, 1\]"),
     ({"method": "varm", "weights": [1, 2]}, "varm computes its own"),
     ({"sce_mask": "upstream"}, "'sce_mask' must be one of"),
-    ({"shard_size": "big"}, "shard_size: not a size"),
+    ({"shard_size": "big"}, "'shard_size': not a size"),
     ({"dtype": "int8"}, "'dtype' must be one of"),
     ({"method": "linear", "weights": [1, -1]}, "sum to 0"),
+    ({"scale": float("nan")}, "^m.yaml: 'scale' expects a finite number, got nan$"),
+    ({"method": "ties", "weights": [float("inf"), 1]}, r"^m.yaml: 'weights\[0\]' expects a finite number, got inf$"),
 ])
 def test_bad_options_are_refused(data, message):
     with pytest.raises(PivotfuseError, match=message):
@@ -39,9 +41,9 @@ def test_normalize_defaults_follow_mergekit():
 
 
 def test_job_needs_inputs_and_matching_weights():
-    with pytest.raises(PivotfuseError, match="'base: required"):
+    with pytest.raises(PivotfuseError, match="'base': required"):
         from_dict(MergeJob, {"models": ["a"], "out": "o"})
-    with pytest.raises(PivotfuseError, match="'weights: 1 given for 2 models"):
+    with pytest.raises(PivotfuseError, match="'weights': 1 given for 2 models"):
         from_dict(MergeJob, {"base": "b", "models": ["a", "c"], "out": "o", "method": "ties", "weights": [1]})
     job = from_dict(MergeJob, {"base": "b", "models": ["a"], "out": "o", "method": "ties", "density": 0.3})
     assert job.method_config() == MergeConfig(method="ties", density=0.3)
@@ -57,5 +59,5 @@ def test_recipe_lists_named_merges():
     assert from_dict(Recipe, {k: v for k, v in data.items() if k != "merge"}).merge == []
     with pytest.raises(PivotfuseError, match="missing required key 'merge\\[0\\].name'"):
         from_dict(Recipe, {**data, "merge": [{"method": "sce"}]}, src="r.yaml")
-    with pytest.raises(PivotfuseError, match="name: use letters"):
+    with pytest.raises(PivotfuseError, match="'name': use letters"):
         from_dict(MergeSpec, {"name": "a/b"})

@@ -96,6 +96,9 @@ NAME = "model.layers.1.mlp.up_proj.weight"
     (lambda sd: sd.__setitem__("extra.weight", torch.ones(2)), "tensor extra.weight is not in base"),
     (lambda sd: sd[NAME].view(-1).__setitem__(7, float("nan")), f"tensor {NAME} contains NaN or inf"),
     (lambda sd: sd[NAME].view(-1).__setitem__(3, float("-inf")), f"tensor {NAME} contains NaN or inf"),
+    (lambda sd: sd.__setitem__(NAME, sd[NAME].to(torch.int32)),
+     f"tensor {NAME} is int32, base .* has float32 \\(integer vs float\\)"),
+    (lambda sd: sd.__setitem__(NAME, sd[NAME] > 0), f"tensor {NAME} is bool, base .* has float32 \\(bool vs float\\)"),
 ])
 def test_bad_models_are_refused_naming_model_and_tensor(family, tmp_path, edit, message):
     base, targets = family
@@ -103,6 +106,74 @@ def test_bad_models_are_refused_naming_model_and_tensor(family, tmp_path, edit, 
     _expect(f"model {bad}: {message}", lambda: merge_models(
         str(base), [str(targets[0]), str(bad)], MergeConfig(method="varm"), str(tmp_path / "out"), progress=False))
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_integer_buffer_of_the_base_must_be_integer_in_every_model(family, tmp_path):
+    base, targets = family
+    b = _edited_copy(base, tmp_path / "b", lambda sd: sd.__setitem__("step", torch.arange(4)))
+    t = _edited_copy(targets[0], tmp_path / "t", lambda sd: sd.__setitem__("step", torch.arange(4).to(torch.int32)))
+    summary = merge_models(str(b), [str(t)], MergeConfig(method="linear"), str(tmp_path / "ok"), progress=False)
+    assert summary["tensors"] == len(load_sd(b)) and torch.equal(load_sd(tmp_path / "ok")["step"], torch.arange(4))
+    f = _edited_copy(targets[0], tmp_path / "f", lambda sd: sd.__setitem__("step", torch.arange(4.0)))
+    _expect(f"model {f}: tensor step is float32, base {b} has int64 \\(float vs integer\\)", lambda: merge_models(
+        str(b), [str(f)], MergeConfig(method="linear"), str(tmp_path / "o"), progress=False))
+
+
+def _sharded_copy(src, dst):
+    """`src` re-saved as two shards and an index (what save_pretrained writes for big models)."""
+    dst.mkdir()
+    sd = load_file(src / "model.safetensors")
+    names = list(sd)
+    shards = {"model-00001-of-00002.safetensors": names[:3], "model-00002-of-00002.safetensors": names[3:]}
+    for shard, part in shards.items():
+        save_file({n: sd[n] for n in part}, dst / shard, metadata={"format": "pt"})
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    index = {"metadata": {}, "weight_map": {n: shard for shard, part in shards.items() for n in part}}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst, index
+
+
+@pytest.mark.parametrize("escape", ["../other/model.safetensors", "{other}/model.safetensors",
+                                    "sub/../../other/model.safetensors"])
+def test_index_shards_outside_the_model_folder_are_refused(family, tmp_path, escape):
+    base, targets = family
+    shutil.copytree(targets[1], tmp_path / "other")  # a real file there: without the check it is read
+    model, index = _sharded_copy(targets[0], tmp_path / "m")
+    assert torch.equal(SafetensorsReader(model).read(NAME), load_sd(targets[0])[NAME])  # sharded copy reads
+    shard = escape.format(other=tmp_path / "other")
+    index["weight_map"][NAME] = shard
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    _expect(f"^model {model}: {model / 'model.safetensors.index.json'} field 'weight_map.{NAME}' names shard "
+            f"'{shard}' outside the model folder$", lambda: SafetensorsReader(model))
+    index["weight_map"][NAME] = ["model-00001-of-00002.safetensors"]
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    _expect(f"field 'weight_map.{NAME}' must be a shard file name, got \\[", lambda: SafetensorsReader(model))
+
+
+def test_non_finite_merge_output_is_not_published(family, tmp_path):
+    """Finite inputs can still merge to inf (a float16 output overflows at 65504): nothing is published."""
+    base, targets = family
+    big = _edited_copy(targets[1], tmp_path / "big", lambda sd: sd[NAME].add_(3e5))  # finite in float32
+    args = (str(base), [str(targets[0]), str(big)])
+    merge_models(*args, MergeConfig(method="linear"), str(tmp_path / "f32"), progress=False)  # float32 holds it
+    out = tmp_path / "out"
+    _expect(f"^merged tensor {NAME} contains NaN or inf as float16: nothing is published", lambda: merge_models(
+        *args, MergeConfig(method="linear", dtype="float16"), str(out), progress=False))
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+    # the library entry point takes an unvalidated config: a NaN scale must not pass either
+    _expect("^merged tensor .* contains NaN or inf as float32", lambda: merge_models(
+        str(base), [str(t) for t in targets], MergeConfig(method="task_arithmetic", scale=float("nan")), str(out),
+        progress=False))
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+@pytest.mark.parametrize("threads", [0, -3])
+def test_threads_must_be_positive(family, tmp_path, threads):
+    base, targets = family
+    _expect(f"^threads: must be at least 1, got {threads}$", lambda: merge_models(
+        str(base), [str(targets[0])], MergeConfig(method="linear"), str(tmp_path / "o"), progress=False,
+        threads=threads))
+    assert not (tmp_path / "o").exists()
 
 
 def test_untied_target_of_a_tied_base_is_refused(tmp_path):

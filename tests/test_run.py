@@ -80,4 +80,4 @@ def test_run_bad_recipe_one_line(tmp_path):
     bad = tmp_path / "r.yaml"
     bad.write_text((REPO / "recipes" / "demo.yaml").read_text().replace("lam: 0.9", "lam: 1.5"))
     r = subprocess.run([sys.executable, str(REPO / "cli.py"), "run", str(bad)], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 2 and "fuse.lam: must be in [0, 1]" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert r.returncode == 2 and "'fuse.lam': must be in [0, 1]" in r.stderr and r.stderr.strip().count("\n") == 0
