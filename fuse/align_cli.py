@@ -93,11 +93,19 @@ def _files(folder: str) -> bytes:
 
 
 def _check_out(out: Path, inputs: tuple[str, ...]) -> None:
-    """Refuse an output the map cannot be written to before any work, not after it."""
+    """Refuse an output the map cannot be written to before any work, not after it, and any file
+    but a map (the corpus given as --out, say): only a map is ever replaced."""
+    from fuse.vocab import FORMAT
+
     for folder in inputs:
         refuse_inside(out, folder, "out")
     if out.is_dir():
         raise PivotfuseError(f"out: {out} is a folder, not a file for the map's JSON")
+    if out.is_file():
+        with out.open("rb") as fh:  # VocabMap.save writes the format first: the head tells a map
+            head = fh.read(64)
+        if not head.startswith(json.dumps({"format": FORMAT})[:-1].encode()):
+            raise PivotfuseError(f"out: {out} exists and is not a vocabulary map; use another --out")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():

@@ -191,12 +191,15 @@ def test_align_cli_bad_outputs_fail_before_the_work(llama2_pair, tmp_path, capsy
     cases = [(folder, f"out: {folder} is a folder, not a file for the map's JSON"),
              (data / "m.json", f"out: {data} is a file, so {data / 'm.json'} cannot be written"),
              (model / "m.json", f"out: {model / 'm.json'} is inside the input model folder {model}; "
-                                "inputs are never modified")]
+                                "inputs are never modified"),
+             (data, f"out: {data} exists and is not a vocabulary map; use another --out")]
+    corpus = data.read_bytes()
     for out, message in cases:
         assert run_align(*pair, "--data", str(data), "--out", str(out)) == 2
         assert capsys.readouterr().err == f"pivotfuse align: error: {message}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["chats.jsonl", "chatml.jinja", "inst.jinja", "maps", "model"])
     assert [p.name for p in folder.iterdir()] == ["keep.txt"] and "m.json" not in {p.name for p in model.iterdir()}
+    assert data.read_bytes() == corpus
 
 
 def test_align_cli_file_given_as_a_model(tokenizer_dirs, tmp_path, capsys):
