@@ -99,6 +99,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_path
     for spec in [recipe.models.pivot, *recipe.models.sources]:
         if spec.path.startswith("world:"):
             recipe.world_path(spec.path)  # raises when there is no world section
+        elif Path(spec.path).is_file():
+            raise PivotfuseError(f"{path}: 'models' {spec.name}: path {spec.path!r} is a file, not a model folder")
         elif not Path(spec.path).is_dir():
             raise PivotfuseError(f"{path}: 'models' {spec.name}: path {spec.path!r} is not a folder")
         if spec.chat_template and not Path(spec.chat_template).is_file():

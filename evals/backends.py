@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import PivotfuseError
+from core.paths import refuse_file_as_folder
 from evals.config import EvalConfig
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -101,6 +102,7 @@ def parse_spec(spec: str, default_base_url: str | None = None) -> ModelRef:
             url = DEFAULT_BASE_URL
         return ModelRef(name or safe_name(model.rsplit("/", 1)[-1]), "openai", model, url)
     path = Path(spec)
+    refuse_file_as_folder(path, "model")
     if not path.is_dir():
         raise PivotfuseError(f"{spec!r}: not a model folder (or use openai:MODEL_ID[@BASE_URL] for an endpoint)")
     return ModelRef(name or safe_name(path.resolve().name), "local", str(path))

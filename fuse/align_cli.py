@@ -23,6 +23,7 @@ from typing import Any
 from core.config import add_arguments as add_config_arguments
 from core.config import field, from_args
 from core.errors import PivotfuseError
+from core.paths import refuse_file_as_folder, refuse_inside
 
 
 @dataclass
@@ -48,8 +49,9 @@ class AlignConfig:
             raise ValueError(f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
 
 
-def _check_folder(path: str) -> None:
+def _check_folder(path: str, label: str = "model") -> None:
     folder = Path(path)
+    refuse_file_as_folder(path, label)
     if not folder.is_dir():
         raise PivotfuseError(f"{path}: model folder not found")
     if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
@@ -90,6 +92,27 @@ def _files(folder: str) -> bytes:
     return out
 
 
+def _check_out(out: Path, inputs: tuple[str, ...]) -> None:
+    """Refuse an output the map cannot be written to before any work, not after it, and any file
+    but a map (the corpus given as --out, say): only a map is ever replaced."""
+    from fuse.vocab import FORMAT
+
+    for folder in inputs:
+        refuse_inside(out, folder, "out")
+    if out.is_dir():
+        raise PivotfuseError(f"out: {out} is a folder, not a file for the map's JSON")
+    if out.is_file():
+        with out.open("rb") as fh:  # VocabMap.save writes the format first: the head tells a map
+            head = fh.read(64)
+        if not head.startswith(json.dumps({"format": FORMAT})[:-1].encode()):
+            raise PivotfuseError(f"out: {out} exists and is not a vocabulary map; use another --out")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PivotfuseError(f"out: {parent} is a file, so {out} cannot be written")
+            break
+
+
 def build_map(pivot: str, source: str, data: str, out: str | Path, cfg: AlignConfig, *,
               pivot_template: str | None = None, source_template: str | None = None, progress: bool = True):
     """Build (or reuse, or resume) the vocabulary map of `source` onto `pivot` over `data`."""
@@ -102,8 +125,9 @@ def build_map(pivot: str, source: str, data: str, out: str | Path, cfg: AlignCon
     from fuse.vocab import VocabMap, VocabMapBuilder, template_markers
 
     out = Path(out)
-    for folder in (pivot, source):
-        _check_folder(folder)
+    for label, folder in (("pivot", pivot), ("source", source)):
+        _check_folder(folder, label)
+    _check_out(out, (pivot, source))
     p_tpl, s_tpl = _template(pivot_template), _template(source_template)
     convs = load_conversations(data, limit=cfg.limit)
     code = b"".join((Path(__file__).parent / f).read_bytes()

@@ -18,6 +18,7 @@ from pathlib import Path
 from core.config import add_arguments as add_config_arguments
 from core.config import apply_overrides, from_args, from_dict, load_yaml, to_dict
 from core.errors import PivotfuseError
+from core.paths import refuse_file_as_folder
 from fuse.config import FuseConfig
 
 
@@ -60,7 +61,10 @@ def build_recipe(args: argparse.Namespace):
     recipe = from_dict(Recipe, data, src=src)
     recipe.fuse = from_args(FuseConfig, args, to_dict(recipe.fuse), src=src)
     for spec in [recipe.models.pivot, *recipe.models.sources]:
-        if not spec.path.startswith("world:") and not Path(spec.path).is_dir():
+        if spec.path.startswith("world:"):
+            continue
+        refuse_file_as_folder(spec.path, f"{src}: model {spec.name}")
+        if not Path(spec.path).is_dir():
             raise PivotfuseError(f"{src}: model {spec.name}: {spec.path!r} is not a folder")
     fusion = recipe.world_path(recipe.data.fusion)
     if not Path(fusion).exists():

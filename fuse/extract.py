@@ -23,6 +23,7 @@ import numpy as np
 from core.chat import Conversation, end_of_turn_tokens, load_conversations, render_chat, tokenize_chat
 from core.config import field
 from core.errors import PivotfuseError
+from core.paths import refuse_file_as_folder, refuse_inside
 from fuse.positions import Enders, content_ranges
 from fuse.store import StoreWriter, TeacherRecord, int_type
 
@@ -52,6 +53,8 @@ class ExtractConfig:
                 raise ValueError(f"{name}: must be > 0")
         if self.max_length < 2:
             raise ValueError("max_length: must be >= 2")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {list(DTYPES)}, got {self.dtype!r}")
 
 
 def _sha(data: bytes | str) -> str:
@@ -83,6 +86,7 @@ def load_tokenizer(model: str) -> Any:
     from transformers import AutoTokenizer
 
     path = Path(model)
+    refuse_file_as_folder(path, "model")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise PivotfuseError(f"{path}: not a model folder (no config.json)")
     try:
@@ -92,6 +96,18 @@ def load_tokenizer(model: str) -> Any:
     if not getattr(tok, "is_fast", False):
         raise PivotfuseError(f"{path}: needs a fast tokenizer (tokenizer.json) for character offsets")
     return tok
+
+
+def model_vocab_size(path: str) -> int | None:
+    """Rows of the model's output layer as its config gives them (no weights read); None if unknown."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception:  # noqa: BLE001 - loading the model names the problem
+        return None
+    size = getattr(config.get_text_config(), "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
 
 
 def resolve_template(tok: Any, cfg: ExtractConfig) -> str:
@@ -255,9 +271,18 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
     for name in ("model", "data", "out"):
         if getattr(cfg, name) is None:
             raise PivotfuseError(f"extract: --{name} is required")
+    # Every option is checked before anything is read or written: a bad one must not cost a model load.
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise PivotfuseError(f"extract: {e}") from None
+    refuse_inside(cfg.out, cfg.model, "out")
     # Force the CPU backend (gloo) when there is no accelerator, so torchrun/accelerate CPU runs split work.
     state = PartialState(cpu=torch.accelerator.current_accelerator() is None)
     tok = load_tokenizer(cfg.model)
+    vocab = model_vocab_size(cfg.model)
+    if vocab is not None and cfg.top_k > vocab:
+        raise PivotfuseError(f"top_k: {cfg.top_k} exceeds the vocabulary size {vocab} of {cfg.model} (config.json)")
     template = resolve_template(tok, cfg)
     convs = load_conversations(cfg.data)
     longest = _scan(convs, tok, template, cfg.data)

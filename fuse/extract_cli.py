@@ -14,6 +14,8 @@ from pathlib import Path
 
 from core.config import add_arguments as add_config_arguments
 from core.config import from_args, to_dict
+from core.errors import PivotfuseError
+from core.paths import refuse_file_as_folder
 from fuse.extract import ExtractConfig
 
 
@@ -36,6 +38,14 @@ def _from_recipe(args: argparse.Namespace) -> dict:
         if spec.chat_template:
             base["chat_template"] = spec.chat_template
         args.model = None  # the flag named the model; the recipe gave its path
+    elif args.model is not None:  # a folder of the user's own, or a misspelt name: say which, not "--out is required"
+        if not Path(args.model).exists():
+            raise PivotfuseError(f"{args.recipe}: no model named {args.model!r} in 'models' "
+                                 f"({', '.join(specs)}), and no folder {args.model!r}")
+        refuse_file_as_folder(args.model, "model")
+        if args.out is None:
+            raise PivotfuseError(f"extract: --model {args.model} is not one of the models of {args.recipe} "
+                                 f"({', '.join(specs)}): give --out for its store")
     base.setdefault("data", recipe.world_path(recipe.data.fusion))
     return base
 

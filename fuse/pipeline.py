@@ -44,12 +44,13 @@ def _store(recipe: Recipe, spec: ModelSpec, data: str):
 
 
 def _vocab_map(recipe: Recipe, pivot: ModelSpec, source: ModelSpec, data: str):
-    """Source id → pivot id (−1 = unmapped), built over the fusion corpus by `fuse.vocab`."""
+    """Source id → pivot id (−1 = unmapped), built over the fusion corpus by `fuse.vocab` with the
+    recipe's `align:` settings (they are in the map's fingerprint: a changed one rebuilds it)."""
     from fuse.vocab import vocab_map_for
 
     return vocab_map_for(recipe.world_path(pivot.path), recipe.world_path(source.path), data,
-                         Path(recipe.out) / "align" / source.name,
-                         pivot_template=pivot.chat_template, source_template=source.chat_template)
+                         Path(recipe.out) / "align" / source.name, pivot_template=pivot.chat_template,
+                         source_template=source.chat_template, config=recipe.align)
 
 
 def _rows(work: Path, fingerprint: str, build) -> Any:

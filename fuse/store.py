@@ -158,24 +158,33 @@ class StoreWriter:
     @classmethod
     def open(cls, path: str | Path, fingerprint: dict, *, top_k: int, n_rows: int, shard_size: int,
              dtypes: dict[str, str], info: dict, is_main: bool) -> "StoreWriter":
-        """Create the store, or check that an existing one was made by the same fingerprint."""
+        """Create the store, or check that an existing one was made by the same fingerprint (one
+        with no finished shard yet is replaced instead: there is nothing in it to keep)."""
         path = Path(path)
         old = read_manifest(path)
+        shards = path / "shards"
         if old is not None:
             diff = [key for key in sorted(set(fingerprint) | set(old["fingerprint"]))
                     if fingerprint.get(key) != old["fingerprint"].get(key)]
-            if diff:
+            if not diff:
+                return cls(path, old)
+            # A run that stopped before its first shard holds no work: a corrected rerun replaces it
+            # (its manifest and any shard stats or half-written shard), rather than being refused.
+            unstarted = not old.get("complete") and not (shards.is_dir() and any(shards.glob("*.arrow")))
+            if not (unstarted and is_main):
                 raise PivotfuseError(
                     f"{path}: store was written for a different {', '.join(diff)} (fingerprint mismatch); "
                     "use another --out or delete the folder")
-            return cls(path, old)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())) and is_main:
+            for stale in shards.iterdir() if shards.is_dir() else ():
+                if stale.is_file() and stale.name[:5].isdigit():
+                    stale.unlink()
+        elif path.exists() and (not path.is_dir() or any(path.iterdir())) and is_main:
             raise PivotfuseError(f"{path}: exists and is not a logit store; use another --out")
         manifest = {"format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "top_k": top_k,
                     "n_rows": n_rows, "shard_size": shard_size, "n_shards": -(-n_rows // shard_size),
                     "dtypes": dtypes, "complete": False, **info}
         if is_main:
-            (path / "shards").mkdir(parents=True, exist_ok=True)
+            shards.mkdir(parents=True, exist_ok=True)
             _write_json(path / MANIFEST, manifest)
         return cls(path, manifest)
 

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.errors import PivotfuseError
+from core.paths import refuse_file_as_folder
 from merge import card, methods
 from merge.config import MergeConfig, parse_size
 from merge.io import SafetensorsReader, ShardedWriter, copy_aux_files
@@ -126,6 +127,8 @@ def merge_models(base: str, models: list[str], config: MergeConfig, out: str, ov
     weights = list(config.weights) if config.weights is not None else [1.0] * len(models)
     if len(weights) != len(models):
         raise PivotfuseError(f"weights: {len(weights)} given for {len(models)} models")
+    for label, folder in [("base", base), *(("models", m) for m in models)]:
+        refuse_file_as_folder(folder, label)  # clearer than "folder not found"
     out_p = Path(out).resolve()
     _check_paths(Path(base).resolve(), [Path(m).resolve() for m in models], out_p, overwrite)
     base_r = SafetensorsReader(base)

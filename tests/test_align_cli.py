@@ -172,3 +172,41 @@ def test_world_tokenizers(world, tmp_path):
         assert s["exact_share"] == pytest.approx(vmap.how.count("x") / len(vmap.how))
         cov = s["coverage"]
         assert cov["exact_share"] + cov["mapped_share"] + cov["none_share"] == pytest.approx(1)
+
+
+def test_align_cli_bad_outputs_fail_before_the_work(llama2_pair, tmp_path, capsys, monkeypatch):
+    import fuse.chat_align as chat_align
+
+    def no_work(*a, **k):
+        raise AssertionError("aligned before the output was checked")
+
+    monkeypatch.setattr(chat_align, "align_chat", no_work)
+    data = write_chats(tmp_path / "chats.jsonl", n=3)
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    model = tmp_path / "model"
+    shutil.copytree(llama2_pair[1], model)
+    pair = ["--pivot", str(model), "--source", str(model), *llama2_pair[4:]]
+    cases = [(folder, f"out: {folder} is a folder, not a file for the map's JSON"),
+             (data / "m.json", f"out: {data} is a file, so {data / 'm.json'} cannot be written"),
+             (model / "m.json", f"out: {model / 'm.json'} is inside the input model folder {model}; "
+                                "inputs are never modified"),
+             (data, f"out: {data} exists and is not a vocabulary map; use another --out")]
+    corpus = data.read_bytes()
+    for out, message in cases:
+        assert run_align(*pair, "--data", str(data), "--out", str(out)) == 2
+        assert capsys.readouterr().err == f"pivotfuse align: error: {message}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["chats.jsonl", "chatml.jinja", "inst.jinja", "maps", "model"])
+    assert [p.name for p in folder.iterdir()] == ["keep.txt"] and "m.json" not in {p.name for p in model.iterdir()}
+    assert data.read_bytes() == corpus
+
+
+def test_align_cli_file_given_as_a_model(tokenizer_dirs, tmp_path, capsys):
+    data = write_chats(tmp_path / "chats.jsonl", n=2)
+    llama2, file = str(tokenizer_dirs["llama2"]), tokenizer_dirs["llama2"] / "tokenizer.json"
+    for flag, args in (("pivot", ["--pivot", str(file), "--source", llama2]),
+                       ("source", ["--pivot", llama2, "--source", str(file)])):
+        assert run_align(*args, "--data", str(data), "--out", str(tmp_path / "m.json")) == 2
+        assert capsys.readouterr().err == f"pivotfuse align: error: {flag}: {file} is a file, not a model folder\n"
+

@@ -319,3 +319,74 @@ def test_world_models(world: Path, tmp_path: Path) -> None:
         check_spans(store, {r["id"]: r for r in rows}, Path(cfg.model), cfg.max_length)
         chars[name] = [(r.n_chars, r.n_bytes) for r in store]
     assert len({tuple(c) for c in chars.values()}) == 1  # CE per character is comparable across them
+
+
+def test_top_k_above_the_vocabulary_is_refused_before_loading_weights(built: dict, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import fuse.extract
+
+    def no_load(*args: object) -> None:
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(fuse.extract, "load_model", no_load)
+    cfg = ExtractConfig(**{**built["stores"]["llama"][0].__dict__, "out": str(tmp_path / "store"), "top_k": 32001})
+    with pytest.raises(PivotfuseError, match=r"top_k: 32001 exceeds the vocabulary size 32000 of .*llama \(config"):
+        extract(cfg)
+    assert not (tmp_path / "store").exists()  # nothing written: the corrected rerun starts clean
+    for bad, message in (({"batch_size": 0}, "batch_size: must be > 0"), ({"max_length": 1}, "max_length: must be >= 2"),
+                         ({"dtype": "int8"}, "dtype: must be one of")):  # Python callers get the CLI's checks
+        with pytest.raises(PivotfuseError, match=message):
+            extract(ExtractConfig(**{**cfg.__dict__, "top_k": 5, **bad}))
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_failed_first_shard_does_not_block_the_corrected_rerun(built: dict, tmp_path: Path) -> None:
+    ref_cfg = built["stores"]["llama"][0]
+    broken = tmp_path / "broken"  # same tokenizer and config, NaN weights: fails in the first batch
+    shutil.copytree(ref_cfg.model, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["lm_head.weight"][7, 3] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "store"
+    with pytest.raises(PivotfuseError, match="NaN/inf logits"):
+        extract(ExtractConfig(**{**ref_cfg.__dict__, "model": str(broken), "out": str(out)}))
+    assert (out / "manifest.json").is_file() and not list((out / "shards").glob("*.arrow"))
+    (out / "shards/00000.json").write_text("{}")  # as if killed between a shard's stats and its data
+    (out / "shards/00000.arrow.tmp").write_bytes(b"half a shard")
+    stats = extract(ExtractConfig(**{**ref_cfg.__dict__, "out": str(out)}))  # the fixed model, same --out
+    assert stats == built["stores"]["llama"][1] and _shard_bytes(str(out)) == _shard_bytes(ref_cfg.out)
+    assert json.loads((out / "manifest.json").read_text()) == json.loads(Path(ref_cfg.out, "manifest.json").read_text())
+    # a store with a finished shard holds work: another fingerprint is still refused, the shard kept
+    part = tmp_path / "part"
+
+    def stop(shard: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(ExtractConfig(**{**ref_cfg.__dict__, "out": str(part)}), on_shard=stop)
+    with pytest.raises(PivotfuseError, match="different settings"):
+        extract(ExtractConfig(**{**ref_cfg.__dict__, "out": str(part), "top_k": 3}))
+    assert (part / "shards/00000.arrow").is_file()
+
+
+def test_out_inside_the_model_folder_is_refused(built: dict, capsys: pytest.CaptureFixture) -> None:
+    model = built["models"]["llama"]
+    before = sorted(p.name for p in model.iterdir())
+    for out in (model / "store", model):
+        err = _cli_error(capsys, "--model", str(model), "--data", str(built["data"]), "--out", str(out))
+        assert err == (f"pivotfuse extract: error: out: {out} {'is' if out == model else 'is inside'} the input "
+                       f"model folder {model}; inputs are never modified")
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_recipe_model_names_and_files_are_told_apart(built: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"out: {tmp_path / 'run'}\nmodels:\n  pivot: {{name: p, path: {built['models']['llama']}}}\n"
+                      f"  sources:\n    - {{name: q, path: {built['models']['qwen']}}}\ndata: {{fusion: {built['data']}}}\n")
+    assert _cli_error(capsys, "--recipe", str(recipe), "--model", "nosuch") == (
+        f"pivotfuse extract: error: {recipe}: no model named 'nosuch' in 'models' (p, q), and no folder 'nosuch'")
+    config = built["models"]["llama"] / "config.json"
+    message = f"pivotfuse extract: error: model: {config} is a file, not a model folder"
+    assert _cli_error(capsys, "--recipe", str(recipe), "--model", str(config)) == message
+    assert _cli_error(capsys, "--model", str(config), "--data", str(built["data"]), "--out", str(tmp_path / "s")) == message
+    assert "give --out for its store" in _cli_error(capsys, "--recipe", str(recipe), "--model", str(built["models"]["qwen"]))

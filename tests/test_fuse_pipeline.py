@@ -156,3 +156,54 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert main(["fuse", "--pivot", str(tmp_path / "nope"), "--source", str(tmp_path / "p"), "--data",
                  str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_recipe_align_section_shapes_the_vocabulary_map(tokenizer_dirs, tmp_path: Path) -> None:
+    """`align:` settings reach the map the pipeline builds, and are in its fingerprint (a change rebuilds it)."""
+    from core.recipe import load_recipe
+    from fuse.align_cli import AlignConfig, build_map
+    from fuse.pipeline import _vocab_map
+    from test_align_cli import write_chats
+    from test_align_vocab import CHATML, INST
+
+    data = write_chats(tmp_path / "chats.jsonl", n=12)
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    (tmp_path / "inst.jinja").write_text(INST)
+    llama2 = tokenizer_dirs["llama2"]  # the same tokenizer under two templates: quick to load
+    r = tmp_path / "r.yaml"
+    r.write_text(f"out: {tmp_path / 'run'}\nmodels:\n  pivot: {{name: p, path: {llama2}, chat_template: "
+                 f"{tmp_path / 'chatml.jinja'}}}\n  sources:\n    - {{name: s, path: {llama2}, chat_template: "
+                 f"{tmp_path / 'inst.jinja'}}}\ndata: {{fusion: {data}}}\n"
+                 "align: {limit: 5, halo: 0, theta: -1, max_length: 40}\n")
+    recipe = load_recipe(r)
+    mapping, info = _vocab_map(recipe, recipe.models.pivot, recipe.models.sources[0], str(data))
+    templates = dict(pivot_template=str(tmp_path / "chatml.jinja"), source_template=str(tmp_path / "inst.jinja"))
+    ref = build_map(str(llama2), str(llama2), str(data), tmp_path / "ref.json",
+                    AlignConfig(limit=5, halo=0, theta=-1, max_length=40), progress=False, **templates)
+    assert info["conversations"] == 5 and info["truncated_conversations"] == ref.stats["truncated_conversations"] > 0
+    assert info["fingerprint"] == ref.fingerprint and mapping.tolist() == ref.mapping.tolist()
+    assert Path(info["path"]).read_bytes() == (tmp_path / "ref.json").read_bytes()
+    default = build_map(str(llama2), str(llama2), str(data), tmp_path / "default.json", AlignConfig(), progress=False,
+                        **templates)
+    assert default.stats["conversations"] == 12 and default.fingerprint != ref.fingerprint
+    # a changed setting rebuilds the map in place; the default settings give the default map, byte for byte
+    recipe = load_recipe(r, ["align={}"])
+    _, info = _vocab_map(recipe, recipe.models.pivot, recipe.models.sources[0], str(data))
+    assert info["fingerprint"] == default.fingerprint
+    assert Path(info["path"]).read_bytes() == (tmp_path / "default.json").read_bytes()
+
+
+@pytest.mark.slow
+def test_fuse_builds_the_map_with_the_recipe_align_settings(run: dict) -> None:
+    from fuse.vocab import VocabMap
+
+    out = run["root"] / "aligned"
+    reuse_stores(run["out"], out)
+    r = recipe(run["world"], out, run["data"])
+    r.write_text(r.read_text() + "align: {limit: 7, halo: 0}\n")
+    assert main(["fuse", "--recipe", str(r), "--source", "arith", "--max-steps", "1"]) == 0
+    old, new = (VocabMap.load(p / "align/arith/vocab_map.json") for p in (run["out"], out))
+    assert old.stats["conversations"] == run["n"] and new.stats["conversations"] == 7
+    assert new.fingerprint != old.fingerprint
+    report = json.loads((out / "targets/arith/fusion_report.json").read_text())
+    assert report["vocab_map"]["conversations"] == 7 and report["steps"] == 1
