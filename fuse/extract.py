@@ -3,7 +3,12 @@
 Every model reads the conversations rendered with its OWN chat template; only positions whose
 gold next token is an assistant token are scored. The corpus is cut into fixed shards; under
 `accelerate launch` / `torchrun` each process scores its share of the pending shards, so a
-killed run resumes where it stopped and any process count gives the same store.
+killed run resumes where it stopped. Batches are formed inside a shard, so the process count
+changes no batch: on CPU with the same kernels (same machine and torch build, same threads per
+process) any process count gives the same store bit for bit. Other threads per process (the
+launchers default to one per process on CPU) or another machine sum floats in another order:
+token ids, spans and counts stay the same, log-probs and CE agree up to float rounding, and top-k
+ids differ only where two candidates tie within it (tests/test_extract.py bounds each).
 """
 
 from __future__ import annotations

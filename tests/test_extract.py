@@ -1,6 +1,7 @@
 """Teacher extraction (`pivotfuse extract`) and the logit store, checked against plain references:
 a full float32 log_softmax of the model's own logits, the assistant text found by string search,
-an uninterrupted run (for resume), one process (for two)."""
+an uninterrupted run (for resume), one process (for two: bit for bit with the same kernel threads,
+up to float rounding with others)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -20,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from asset_paths import need_asset
 from core.errors import PivotfuseError
 from fuse.extract import ExtractConfig, extract
-from fuse.store import LogitStore
+from fuse.store import LogitStore, TeacherRecord
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 96
@@ -284,8 +287,131 @@ def test_recipe_drives_extraction(built: dict, tmp_path: Path) -> None:
     assert store.k == 3 and store.manifest["n_shards"] == 1 and max(r.seq_len for r in store) == 40
 
 
+# How far one float32 log-prob may move when other kernels compute it (another thread count,
+# another CPU). Reordering a float32 sum of n positive terms moves it by about sqrt(n) * u relative
+# (u = 2^-24; the rounding errors add like a random walk), so log sum_V exp(x) over a 32k
+# vocabulary moves by about sqrt(32000) * 6e-8 = 1e-5 nats; the logits' own dot products add the
+# same order again. LP_ATOL is 10x that. LP_RTOL (about 170 u) covers x - lse at large |x|.
+# Measured on this AVX-512/MKL machine: 1 vs 2 threads move the float32 log-probs of this file's models by at most
+# 3.4e-6 nats (4.9e-7 relative), those of the demo world's models not at all.
+LP_ATOL, LP_RTOL = 1e-4, 1e-5
+
+
+def _fp16_tol(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Largest honest |a - b| of two stored fp16 log-probs: the float32 values differ by at most
+    LP_ATOL + LP_RTOL |v|, and each rounding to fp16 adds at most half an fp16 ulp."""
+    v = np.maximum(np.abs(a.astype(np.float64)), np.abs(b.astype(np.float64)))
+    return LP_ATOL + LP_RTOL * v + np.spacing(v.astype(np.float16)).astype(np.float64)
+
+
+def _close16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.abs(a.astype(np.float64) - b.astype(np.float64)) <= _fp16_tol(a, b)
+
+
+def assert_records_match(a: TeacherRecord, b: TeacherRecord) -> int:
+    """`a` and `b` score the same conversation with kernels that round differently: every integer and
+    string field is equal, log-probs agree within `_fp16_tol`, CE within its float32 error, and the
+    top-k ids differ only where candidates tie within rounding. Returns the top-k positions whose ids differ."""
+    for name in ("index", "id", "domain", "text", "n_chars", "n_bytes", "seq_len", "truncated"):
+        assert getattr(a, name) == getattr(b, name), (a.id, name)
+    for name in ("assistant_spans", "token_ids", "spans"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), (a.id, name)
+    assert _close16(a.gold_logprobs, b.gold_logprobs).all(), (a.id, "gold_logprobs")
+    # ce = mean(-lp) of float32 log-probs, every -lp >= 0: it moves by at most the mean of their errors
+    assert abs(a.ce - b.ce) <= LP_ATOL + LP_RTOL * max(a.ce, b.ce), (a.id, "ce", a.ce, b.ce)
+    va, vb = a.topk_logprobs, b.topk_logprobs  # (n, k) each row sorted, best first
+    assert _close16(va, vb).all(), (a.id, "topk_logprobs")  # the k best values, whichever ids hold them
+    for r in np.flatnonzero((a.topk_ids != b.topk_ids).any(-1)):
+        kept_a, kept_b = dict(zip(a.topk_ids[r].tolist(), va[r])), dict(zip(b.topk_ids[r].tolist(), vb[r]))
+        for tid in kept_a.keys() | kept_b.keys():
+            if tid in kept_a and tid in kept_b:  # a moved rank: it keeps its value, so it tied with its neighbours
+                assert _close16(kept_a[tid], kept_b[tid]), (a.id, r, tid)
+            else:  # kept by one side only: it tied with the other side's k-th
+                mine, cut = (kept_a[tid], vb[r, -1]) if tid in kept_a else (kept_b[tid], va[r, -1])
+                assert _close16(mine, cut), (a.id, r, tid, "dropped without a tie")
+    return int((a.topk_ids != b.topk_ids).sum())
+
+
+def assert_stores_match(one: Path | str, two: Path | str) -> None:
+    """Two stores of the same model and corpus made with different kernel rounding: the manifests
+    and shard statistics are equal but for the float nll, and every record matches (see above)."""
+    a, b = LogitStore(one), LogitStore(two)
+    ma, mb = (json.loads(Path(p, "manifest.json").read_text()) for p in (one, two))
+    na, nb = ma["stats"].pop("nll"), mb["stats"].pop("nll")
+    assert ma == mb
+    # nll = sum of n_tokens * ce: it moves by at most the sum of the CE bounds
+    assert abs(na - nb) <= LP_ATOL * ma["stats"]["scored_tokens"] + LP_RTOL * max(na, nb), (na, nb)
+    for s in range(a.manifest["n_shards"]):
+        sa, sb = (json.loads(Path(p, "shards", f"{s:05d}.json").read_text()) for p in (one, two))
+        na, nb = sa.pop("nll"), sb.pop("nll")
+        assert abs(na - nb) <= LP_ATOL * sa["scored_tokens"] + LP_RTOL * max(na, nb), (s, na, nb)
+        assert sa == sb
+    assert len(a) == len(b)
+    swapped = sum(assert_records_match(x, y) for x, y in zip(a, b))
+    assert swapped <= 0.01 * sum(r.topk_ids.size for r in a)  # near-ties are rare, not the rule
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_store_comparison_tolerates_rounding_only(built: dict) -> None:
+    """The helper above passes a store against itself and against near-tie swaps, and fails on
+    real differences: a value off by two fp16 ulps, a swap of candidates that do not tie, a CE off by
+    1e-4 relative, another token id."""
+    import dataclasses
+
+    store = LogitStore(built["stores"]["qwen"][0].out)
+    rec = max(store, key=lambda r: r.n_tokens)
+    assert assert_records_match(rec, rec) == 0
+
+    def changed(**kw: np.ndarray | float) -> TeacherRecord:
+        return dataclasses.replace(rec, **{k: v.copy() if isinstance(v, np.ndarray) else v for k, v in kw.items()})
+
+    ids, lp = rec.topk_ids.copy(), rec.topk_logprobs.copy()
+    gaps = (lp[:, :-1].astype(np.float64) - lp[:, 1:]) > 10 * _fp16_tol(lp[:, :-1], lp[:, 1:])
+    r, j = map(int, np.argwhere(gaps)[0])  # two neighbours that clearly do not tie
+    swapped = ids.copy()
+    swapped[r, [j, j + 1]] = swapped[r, [j + 1, j]]
+    tied_lp = lp.copy()
+    tied_lp[r, j + 1] = tied_lp[r, j]  # now they tie: their order is a matter of rounding
+    assert assert_records_match(changed(topk_logprobs=tied_lp), changed(topk_ids=swapped, topk_logprobs=tied_lp)) == 2
+    with pytest.raises(AssertionError, match="dropped without a tie"):  # a new best candidate, no tie
+        assert_records_match(rec, changed(topk_ids=np.where(np.arange(ids.shape[1]) == 0, 999_999, ids)))
+    # another id in the k-th place at the old k-th's value is accepted: a store keeps no (k+1)-th
+    # value, so it cannot tell a tie for the k-th place from a wrong k-th id (check_distributions
+    # checks the stored ids against the model itself)
+    new_kth = ids.copy()
+    new_kth[:, -1] = 999_999
+    assert assert_records_match(rec, changed(topk_ids=new_kth)) == len(ids)
+    with pytest.raises(AssertionError):
+        assert_records_match(rec, changed(topk_ids=swapped))
+    off = lp.copy()
+    big = np.unravel_index(np.argmax(np.abs(lp.astype(np.float32))), lp.shape)  # fp16 ulp >> LP_ATOL there
+    off[big] = np.nextafter(np.nextafter(off[big], np.float16(0)), np.float16(0))
+    with pytest.raises(AssertionError, match="topk_logprobs"):
+        assert_records_match(rec, changed(topk_logprobs=off))
+    with pytest.raises(AssertionError, match="ce"):
+        assert_records_match(rec, changed(ce=rec.ce * (1 + 1e-4)))
+    tokens = rec.token_ids.copy()
+    tokens[0] += 1
+    with pytest.raises(AssertionError, match="token_ids"):
+        assert_records_match(rec, changed(token_ids=tokens))
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_same_store(built: dict, tmp_path: Path) -> None:
+    """Processes only decide who scores which shard; the batches are formed inside a shard. So with
+    the same kernels (same CPU and torch build, same threads per process) the store is the same bit
+    for bit, however loaded the machine (OpenMP and MKL split work by thread count, not by load,
+    unless OMP_DYNAMIC=true). With another thread count the kernels sum in another order: the same
+    store up to float rounding."""
     cfg = built["stores"]["qwen"][0]
     out = tmp_path / "two"
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
@@ -293,13 +419,18 @@ def test_two_processes_give_the_same_store(built: dict, tmp_path: Path) -> None:
            "extract", "--model", cfg.model, "--data", cfg.data, "--out", str(out), "--top-k", str(cfg.top_k),
            "--batch-size", str(cfg.batch_size), "--max-length", str(cfg.max_length),
            "--shard-size", str(cfg.shard_size)]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    # one kernel thread per process: accelerate's default for several processes, pinned here
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "process 0/2 scores shards [0, 2]" in proc.stderr and "process 1/2 scores shards [1]" in proc.stderr
-    assert _shard_bytes(str(out)) == _shard_bytes(cfg.out)
-    one, two = (json.loads(Path(p, "manifest.json").read_text()) for p in (cfg.out, out))
-    assert one == two
+    one = tmp_path / "one"
+    with torch_threads(1):  # one process, the same kernels
+        extract(ExtractConfig(**{**cfg.__dict__, "out": str(one)}))
+    assert _shard_bytes(str(out)) == _shard_bytes(str(one))
+    assert json.loads((one / "manifest.json").read_text()) == json.loads((out / "manifest.json").read_text())
+    # the module's store used torch's default thread count (all cores): equal up to rounding
+    assert_stores_match(cfg.out, out)
 
 
 def test_world_models(world: Path, tmp_path: Path) -> None:
