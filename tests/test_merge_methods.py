@@ -177,6 +177,24 @@ def test_dare_is_seeded_per_tensor_and_independent_of_threads(monkeypatch):
     assert not torch.equal(runs[0], _run("dare_ties", base, ts, density=0.4, seed=7, key="v").tensor)
 
 
+@pytest.mark.parametrize("name, kw", [
+    ("varm", {}), ("sce", {"select_topk": 0.1}), ("sce", {"select_topk": 0.1, "sce_mask": "fusechat"}),
+    ("linear", {}), ("task_arithmetic", {}), ("ties", {"density": 0.4}),
+    ("dare_ties", {"density": 0.4, "seed": 7}), ("dare_linear", {"density": 0.4, "rescale": "l1", "seed": 7}),
+])
+def test_every_method_is_bit_identical_on_any_thread_count(monkeypatch, name, kw):
+    # the README's "merges repeat bit for bit whatever the thread count": fixed slices, each on
+    # single-threaded kernels, partial results combined in slice order
+    base, ts = _family(shape=(64, 50))
+    monkeypatch.setattr(parallel, "CHUNK", 97)  # many slices, so two threads really share the work
+    runs = []
+    for threads in (1, 2, 3):
+        with compute_threads(threads):
+            res = _run(name, base, ts, weights=[1.0, 0.6, 0.8], key="w", **kw)
+            runs.append((res.tensor, res.weights, res.kept))
+    assert all(torch.equal(runs[0][0], t) and runs[0][1:] == (w, k) for t, w, k in runs[1:])
+
+
 @pytest.mark.parametrize("rescale", ["inverse", "l1", "none"])
 def test_dare_linear_drops_and_rescales(rescale):
     base, ts = _family(shape=(200, 100), k=1)
