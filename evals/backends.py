@@ -150,7 +150,10 @@ class LocalChatModel:
                 return self.render(merged + messages[2:])
             raise PivotfuseError(f"{self.name}: chat template failed to render: {e}") from None
 
-    def chat(self, batch: list[list[dict[str, str]]], temperature: float, max_tokens: int) -> list[str]:
+    def chat(self, batch: list[list[dict[str, str]]], temperature: float, max_tokens: int, *,
+             top_p: float | None = None, seed: int | None = None) -> list[str]:
+        """Replies to `batch`; sampled (with `top_p` when given) above temperature 1e-4, seeded
+        with `seed` (default: the config's) before each generate call, so a batch replays exactly."""
         import torch
 
         prompts = [self.tokenizer(self.render(m), add_special_tokens=False)["input_ids"] for m in batch]
@@ -170,7 +173,9 @@ class LocalChatModel:
                                   "eos_token_id": self.eos_ids}
             if sample:
                 kw["temperature"] = temperature
-                torch.manual_seed(self.cfg.seed)
+                if top_p is not None:
+                    kw["top_p"] = top_p
+                torch.manual_seed(self.cfg.seed if seed is None else seed)
             else:
                 kw.update(temperature=None, top_p=None, top_k=None)
             with torch.no_grad():
@@ -207,15 +212,27 @@ class OpenAIChatClient:
         self.url = f"{ref.base_url}/chat/completions"
         self.key = os.environ.get(cfg.api_key_env) or None
 
-    def chat(self, batch: list[list[dict[str, str]]], temperature: float, max_tokens: int) -> list[str]:
+    def chat(self, batch: list[list[dict[str, str]]], temperature: float, max_tokens: int, *,
+             top_p: float | None = None, seed: int | None = None) -> list[str]:
+        """Replies to `batch`, at most `concurrency` requests at a time. With `seed`, request i of
+        the batch asks for seed + i: a server answers identical seeded requests identically, and
+        a batch often repeats one prompt to sample it several times."""
+        seeds = [None if seed is None else seed + i for i in range(len(batch))]
         if len(batch) == 1 or self.cfg.concurrency == 1:
-            return [self.complete(m, temperature, max_tokens) for m in batch]
+            return [self.complete(m, temperature, max_tokens, top_p=top_p, seed=s) for m, s in zip(batch, seeds)]
         with ThreadPoolExecutor(min(self.cfg.concurrency, len(batch))) as pool:
-            return list(pool.map(lambda m: self.complete(m, temperature, max_tokens), batch))
+            return list(pool.map(lambda ms: self.complete(ms[0], temperature, max_tokens, top_p=top_p, seed=ms[1]),
+                                  zip(batch, seeds)))
 
-    def complete(self, messages: list[dict[str, str]], temperature: float, max_tokens: int) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "n": 1, "temperature": temperature,
-                           "max_tokens": max_tokens}).encode()
+    def complete(self, messages: list[dict[str, str]], temperature: float, max_tokens: int, *,
+                 top_p: float | None = None, seed: int | None = None) -> str:
+        request: dict[str, Any] = {"model": self.model, "messages": messages, "n": 1, "temperature": temperature,
+                                   "max_tokens": max_tokens}
+        if top_p is not None:  # sent only when asked for: servers differ in their defaults
+            request["top_p"] = top_p
+        if seed is not None:
+            request["seed"] = seed
+        body = json.dumps(request).encode()
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
