@@ -124,8 +124,8 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
 def from_dict(cls: type[T], data: dict, *, src: str = "config", prefix: str = "") -> T:
     """Build dataclass `cls` from `data`, refusing unknown keys and wrong types.
 
-    After construction the dataclass's own `validate()` (if any) runs; it raises
-    `ValueError("field: reason")`, which is turned into a one-line error naming the file
+    After construction the dataclass's own `validate()` (if any) runs; it (or a `__post_init__`
+    check) raises `ValueError("field: reason")`, which is turned into a one-line error naming the file
     and the key: `FILE: 'prefix.field': reason`.
     """
     hints = typing.get_type_hints(cls)
@@ -143,13 +143,13 @@ def from_dict(cls: type[T], data: dict, *, src: str = "config", prefix: str = ""
             kwargs[name] = value
         elif f.default is MISSING and f.default_factory is MISSING:
             raise PivotfuseError(f"{src}: missing required key '{prefix}{name}'")
-    obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if callable(validate):
-        try:
+    try:
+        obj = cls(**kwargs)
+        validate = getattr(obj, "validate", None)
+        if callable(validate):
             validate()
-        except ValueError as e:
-            raise PivotfuseError(f"{src}: {_validation_message(str(e), prefix)}") from None
+    except ValueError as e:
+        raise PivotfuseError(f"{src}: {_validation_message(str(e), prefix)}") from None
     return obj
 
 
