@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("evals.cli", "evaluate chat models: MT-Bench-style judging, held-out loss, report"),
     "align": ("fuse.align_cli", "map a source model's vocabulary onto the pivot's over a chat corpus (MinED alignment)"),
     "fuse": ("fuse.cli", "train target T_k: the pivot fused with one source (extract, align, MinCE targets, train)"),
+    "sample": ("implicit.sample_cli", "sample N answers per prompt from each source model (FastChat answer files, resumable)"),
+    "score": ("implicit.score_cli", "reward each sampled answer: reward model, LLM judge or verifier (resumable)"),
 }
 
 
