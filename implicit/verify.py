@@ -32,7 +32,11 @@ def world_checker(world_seed: int) -> Checker:
         messages = [m for m in prompt.messages if m["role"] != "system"]
         conv = Conversation(id=str(prompt.id), messages=messages + [{"role": "assistant", "content": answer}],
                             domain=prompt.category)
-        return check_answer(conv, world_seed)
+        try:
+            return check_answer(conv, world_seed)
+        except KeyError as e:  # a country the fact table of this seed does not have
+            raise PivotfuseError(f"prompt {prompt.id!r}: {e} is not in the fact table of the world with seed "
+                                 f"{world_seed} (is world_seed the world's seed?)") from None
 
     return check
 

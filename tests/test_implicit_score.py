@@ -41,6 +41,9 @@ def test_world_verifier_accepts_the_gold_answer_and_rejects_a_wrong_one():
             assert not check(p, "I do not know."), p
     arith = Prompt("x", [{"role": "user", "content": "What is 12 x 11?"}], "arith")
     assert check(arith, "It is 132.") and not check(arith, "It is 131.")
+    facts = next(p for p in world_prompts(1) if p.category == "facts")
+    with pytest.raises(PivotfuseError, match=r"is not in the fact table of the world with seed 5"):
+        make_checker("world", 5)(facts, facts.reference)
     with pytest.raises(PivotfuseError, match="the world checker knows the domains"):
         check(Prompt("y", [{"role": "user", "content": "hi"}], "poetry"), "hi")
     with pytest.raises(PivotfuseError, match="checker 'nope': unknown"):
