@@ -207,17 +207,19 @@ def test_two_processes_train_wrpo_data_parallel(models, tmp_path):
     rows.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(24, wrpo=True)))
     script = tmp_path / "run.py"
     script.write_text(
-        "import json, sys\n"
+        "import json\n"
         "from implicit.config import WRPOTrainConfig\nfrom implicit.train import train_wrpo\n"
         f"res = train_wrpo({str(models[0])!r}, {str(rows)!r}, {str(tmp_path / 'out')!r}, WRPOTrainConfig("
         "beta=0.5, alpha_max=0.5, max_steps=4, batch_size=4, warmup=0, lr=1e-2, logging_steps=1))\n"
-        "print('RESULT', json.dumps({'steps': res['steps'], 'epoch': res['log_history'][-1]['epoch']}))\n")
+        "from accelerate import PartialState\n"
+        f"open({str(tmp_path)!r} + f'/rank{{PartialState().process_index}}.json', 'w').write(json.dumps("
+        "{'steps': res['steps'], 'epoch': res['log_history'][-1]['epoch']}))\n")
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = [json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines() if line.startswith("RESULT")]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # both ranks finish the same 4 steps; an epoch is 24 rows / (2 ranks × 4 rows) = 3 steps
     assert results == [{"steps": 4, "epoch": pytest.approx(4 / 3)}] * 2
     _load(tmp_path / "out")
