@@ -138,7 +138,7 @@ def test_build_from_files_and_stale_scores_are_refused(tmp_path):
 
 
 def test_pair_config_checks_name_the_field():
-    with pytest.raises(PivotfuseError, match=r"r.yaml: 'pairs.max_gap: must be >= min_gap"):
+    with pytest.raises(PivotfuseError, match=r"r.yaml: 'pairs.max_gap': must be >= min_gap"):
         from_dict(PairConfig, {"min_gap": 0.2, "max_gap": 0.1}, src="r.yaml", prefix="pairs.")
-    with pytest.raises(PivotfuseError, match=r"'sft_fraction: must be in \(0, 1\)"):
+    with pytest.raises(PivotfuseError, match=r"'sft_fraction': must be in \(0, 1\)"):
         from_dict(PairConfig, {"sft_fraction": 1.0})

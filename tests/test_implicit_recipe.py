@@ -32,9 +32,9 @@ def test_fusechat3_recipe_has_the_published_settings():
 
 
 def test_recipe_errors_name_the_file_and_key(tmp_path):
-    with pytest.raises(PivotfuseError, match=r"fusechat-3.0-llama.yaml: 'dpo.beta: must be > 0"):
+    with pytest.raises(PivotfuseError, match=r"fusechat-3.0-llama.yaml: 'dpo.beta': must be > 0"):
         load_implicit_recipe(RECIPE, ["dpo.beta=0"], check_paths=False)
-    with pytest.raises(PivotfuseError, match=r"'sources: qwen-2.5-72b-instruct: top_p: must be in \(0, 1\]"):
+    with pytest.raises(PivotfuseError, match=r"'sources': qwen-2.5-72b-instruct: top_p: must be in \(0, 1\]"):
         load_implicit_recipe(RECIPE, ["sources.2.top_p=1.5"], check_paths=False)
     with pytest.raises(PivotfuseError, match=r"unknown key 'wrpo.alpha'"):
         load_implicit_recipe(RECIPE, ["wrpo.alpha=0.2"], check_paths=False)

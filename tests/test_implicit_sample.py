@@ -135,7 +135,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("pivotfuse sample: error: ") and "not a model folder" in err and "\n" not in err
     assert main(["sample", "--prompts", str(q), "--model", "openai:m@http://127.0.0.1:9/v1", "--out", str(tmp_path),
                  "--top-p", "1.5"]) == 2
-    assert "'top_p: must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert "'top_p': must be in (0, 1], got 1.5" in capsys.readouterr().err
 
 
 @pytest.mark.slow

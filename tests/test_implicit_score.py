@@ -175,4 +175,4 @@ def test_score_cli_with_the_world_verifier(tmp_path, capsys):
     assert main(argv[:-2] + ["--world-seed", "3"]) == 2  # other settings than the scores on disk
     assert "settings.json: these scores of verifier-world were made with world_seed=0" in capsys.readouterr().err
     assert main(["score", "--prompts", str(chats), "--out", str(tmp_path), "--scorer", "judge"]) == 2
-    assert "'judge: the judge scorer needs a judge" in capsys.readouterr().err
+    assert "'judge': the judge scorer needs a judge" in capsys.readouterr().err
