@@ -11,9 +11,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from core.errors import PivotfuseError
+from core.files import read_jsonl
 
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -76,24 +77,6 @@ def _normalise(row: dict, where: str) -> tuple[list[dict[str, str]], str | None,
         out.append({"role": m["role"], "content": m["content"]})
     rid = row.get("id")
     return out, (str(rid) if rid is not None else None), row.get("domain")
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; bad JSON names the file and line."""
-    p = Path(path)
-    if not p.is_file():
-        raise PivotfuseError(f"{p}: file not found")
-    with p.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PivotfuseError(f"{p}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise PivotfuseError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
 
 
 def load_conversations(source: str | Path, split: str = "train", limit: int | None = None) -> list[Conversation]:

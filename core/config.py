@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import yaml
 
 from core.errors import PivotfuseError
+from core.files import read_text
 
 T = TypeVar("T")
 MISSING = dataclasses.MISSING
@@ -35,12 +36,11 @@ def field(default: Any = MISSING, *, help: str, choices: tuple | None = None,
 
 
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping, with a one-line error for a missing or malformed file."""
+    """Read a YAML mapping, with a one-line error for a missing, non-UTF-8 or malformed file."""
     p = Path(path)
-    if not p.is_file():
-        raise PivotfuseError(f"{p}: file not found")
+    text = read_text(p)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

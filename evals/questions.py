@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from core.chat import read_jsonl
+from core.files import read_jsonl
 from core.errors import PivotfuseError
 
 # judge role -> FastChat prompt name (gen_judgment.make_judge_single)

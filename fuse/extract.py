@@ -28,6 +28,7 @@ import numpy as np
 from core.chat import Conversation, end_of_turn_tokens, load_conversations, render_chat, tokenize_chat
 from core.config import field
 from core.errors import PivotfuseError
+from core.files import read_text
 from core.paths import refuse_file_as_folder, refuse_inside
 from fuse.positions import Enders, content_ranges
 from fuse.store import StoreWriter, TeacherRecord, int_type
@@ -120,7 +121,7 @@ def resolve_template(tok: Any, cfg: ExtractConfig) -> str:
         file = Path(cfg.chat_template)
         if not file.is_file():
             raise PivotfuseError(f"{file}: chat template file not found")
-        return file.read_text()
+        return read_text(file)
     if not getattr(tok, "chat_template", None):
         raise PivotfuseError(f"{cfg.model}: tokenizer has no chat template (pass --chat-template FILE)")
     return tok.chat_template
