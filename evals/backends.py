@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import PivotfuseError
+from core.files import brief, decode_utf8, read_text
 from core.paths import refuse_file_as_folder
 from evals.config import EvalConfig
 
@@ -120,7 +121,7 @@ class LocalChatModel:
             self.tokenizer = AutoTokenizer.from_pretrained(ref.target)
         except Exception as e:  # noqa: BLE001 - any load failure is a bad folder
             raise PivotfuseError(f"{ref.name}: cannot load the tokenizer from {ref.target} ({e})") from None
-        self.template = Path(chat_template).read_text() if chat_template else self.tokenizer.chat_template
+        self.template = read_text(chat_template) if chat_template else self.tokenizer.chat_template
         if not self.template:
             raise PivotfuseError(f"{ref.name}: tokenizer at {ref.target} has no chat template "
                                  "(pass --chat-template NAME=FILE)")
@@ -243,7 +244,7 @@ class OpenAIChatClient:
             req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(req, timeout=self.cfg.timeout) as resp:
-                    data = json.loads(resp.read().decode("utf-8"))
+                    raw = resp.read()
             except urllib.error.HTTPError as e:
                 detail = e.read().decode("utf-8", "replace")[:300]
                 if e.code in _RETRY_HTTP or e.code >= 500:
@@ -254,14 +255,32 @@ class OpenAIChatClient:
                     TimeoutError) as e:
                 last = str(getattr(e, "reason", e))
                 continue
-            except json.JSONDecodeError:
-                raise PivotfuseError(f"{self.name}: {self.url} did not answer JSON") from None
-            try:
-                return data["choices"][0]["message"]["content"] or ""
-            except (KeyError, IndexError, TypeError):
-                raise PivotfuseError(f"{self.name}: {self.url}: no choices[0].message.content in "
-                                     f"{str(data)[:200]}") from None
+            return self.reply_text(raw)
         raise PivotfuseError(f"{self.name}: no answer from {self.url} after {self.cfg.retries} tries ({last})")
+
+    def reply_text(self, raw: bytes) -> str:
+        """The reply in a `/chat/completions` response body; a body that is not UTF-8 JSON, or whose
+        `choices[0].message.content` is not a string (null, a list of parts, a number), is refused
+        in one line: an answer or a judgment is always text, never silently empty or a repr."""
+        where = f"{self.name}: {self.url}"
+        text = decode_utf8(raw, f"{where}: reply body", None)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PivotfuseError(f"{where} did not answer JSON ({e.msg}): {brief(text, 120)}") from None
+        try:
+            message = data["choices"][0]["message"]
+            content = message["content"]
+        except (KeyError, IndexError, TypeError):
+            raise PivotfuseError(f"{where}: no choices[0].message.content in {str(data)[:200]}") from None
+        if not isinstance(content, str):
+            # what a server says when it sends no text (a refusal, a cut-off reasoning reply)
+            refusal, finish = message.get("refusal"), data["choices"][0].get("finish_reason")
+            why = ([f"refusal {brief(refusal)}"] if isinstance(refusal, str) else []) + \
+                  ([f"finish_reason {finish!r}"] if isinstance(finish, str) else [])
+            raise PivotfuseError(f"{where}: 'choices[0].message.content' must be a string, got {brief(content)}"
+                                 + (f" ({', '.join(why)})" if why else ""))
+        return content
 
     def close(self) -> None:
         pass
