@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from core.chat import Conversation, load_conversations, render_chat, tokenize_chat
 from core.errors import PivotfuseError
+from core.files import brief, is_number, need, read_json, read_text
 from evals.backends import parse_spec
 from evals.config import EvalConfig
 
@@ -87,8 +88,10 @@ def chat_losses(model: Any, tokenizer: Any, convs: list[Conversation], *, max_le
     return results
 
 
-def summarize(convs: list[Conversation], losses: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Per domain (and `all`): bits per byte, nats per char, tokens, bytes, chats."""
+def summarize(convs: list[Conversation], losses: list[dict[str, float]],
+              where: str = "held-out data") -> dict[str, dict[str, float]]:
+    """Per domain (and `all`): bits per byte, nats per char, tokens, bytes, chats. A domain with no
+    scored reply text is an error naming `where`: its bits per byte would be 0/0 (NaN)."""
     groups: dict[str, list[dict[str, float]]] = {}
     for conv, loss in zip(convs, losses):
         groups.setdefault(conv.domain or "none", []).append(loss)
@@ -97,10 +100,42 @@ def summarize(convs: list[Conversation], losses: list[dict[str, float]]) -> dict
     for domain in sorted(groups, key=lambda d: (d == "all", d)):
         rows = groups[domain]
         nats, nbytes, chars = (sum(r[k] for r in rows) for k in ("nats", "bytes", "chars"))
-        table[domain] = {"bits_per_byte": nats / math.log(2) / nbytes if nbytes else float("nan"),
-                         "nats_per_char": nats / chars if chars else float("nan"),
+        if not nbytes:
+            raise PivotfuseError(f"{where}: no assistant text of domain {domain!r} is left to score in its "
+                                 f"{len(rows)} chats (replies cut off by max_length count nothing)")
+        table[domain] = {"bits_per_byte": nats / math.log(2) / nbytes, "nats_per_char": nats / chars,
                          "tokens": sum(r["tokens"] for r in rows), "bytes": nbytes, "chats": len(rows)}
     return table
+
+
+def check_scorable(convs: list[Conversation], data_path: str | Path) -> None:
+    """Every domain of a held-out file needs assistant text, before any model is loaded: the
+    loss of a domain with nothing to score is not a number."""
+    has_text: dict[str, bool] = {}
+    for conv in convs:
+        text = any(m["role"] == "assistant" and m["content"].strip() for m in conv.messages)
+        has_text[conv.domain or "none"] = has_text.get(conv.domain or "none", False) or text
+    if not any(has_text.values()):
+        raise PivotfuseError(f"{data_path}: no chat has an assistant turn with text: nothing to score")
+    for domain, text in has_text.items():
+        if not text:
+            n = sum((c.domain or "none") == domain for c in convs)
+            raise PivotfuseError(f"{data_path}: domain {domain!r} has no assistant text ({n} chats): nothing "
+                                 "to score; give its chats assistant turns or leave them out")
+
+
+def read_loss_file(path: str | Path) -> dict:
+    """`OUT/loss.json`, checked: `models` maps each model to {domain: {bits_per_byte: number, ...}}."""
+    data = read_json(path)
+    models = need(data, "models", lambda v: isinstance(v, dict), "a mapping of model names to domains", str(path))
+    for name, row in models.items():
+        if not isinstance(row, dict):
+            raise PivotfuseError(f"{path}: 'models.{name}' must be a mapping of domains, got {brief(row)}")
+        for domain, stats in row.items():
+            if not isinstance(stats, dict):
+                raise PivotfuseError(f"{path}: 'models.{name}.{domain}' must be a mapping, got {brief(stats)}")
+            need(stats, "bits_per_byte", is_number, "a number", str(path), f"models.{name}.{domain}.bits_per_byte")
+    return data
 
 
 def heldout_loss(models: dict[str, str], data_path: str | Path, cfg: EvalConfig | None = None,
@@ -115,8 +150,9 @@ def heldout_loss(models: dict[str, str], data_path: str | Path, cfg: EvalConfig 
 
     cfg = cfg or EvalConfig()
     convs = load_conversations(data_path)
+    check_scorable(convs, data_path)
     path = Path(out) / "loss.json" if out else None
-    saved = json.loads(path.read_text()) if path and path.is_file() else {}
+    saved = read_loss_file(path) if path and path.is_file() else {}
     same = saved.get("data") == str(data_path) and saved.get("max_length") == cfg.max_length
     done = saved.get("models", {}) if same else {}
     table: dict[str, dict] = {}
@@ -129,7 +165,7 @@ def heldout_loss(models: dict[str, str], data_path: str | Path, cfg: EvalConfig 
             raise PivotfuseError(f"{name}: held-out loss needs a local model folder, not an endpoint ({spec})")
         template_file = (chat_templates or {}).get(name)
         tokenizer = AutoTokenizer.from_pretrained(ref.target)
-        template = Path(template_file).read_text() if template_file else None
+        template = read_text(template_file) if template_file else None
         device_map = cfg.device_map if torch.cuda.is_available() else None
         try:
             model = AutoModelForCausalLM.from_pretrained(ref.target, dtype=cfg.dtype, device_map=device_map)
@@ -137,9 +173,10 @@ def heldout_loss(models: dict[str, str], data_path: str | Path, cfg: EvalConfig 
             raise PivotfuseError(f"{name}: cannot load the model from {ref.target} ({e})") from None
         model.eval()
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
-        losses = chat_losses(model, tokenizer, convs, max_length=min(cfg.max_length, limit or cfg.max_length),
-                             batch_size=cfg.batch_size, chat_template=template, desc=f"loss {name}")
-        table[name] = summarize(convs, losses)
+        max_length = min(cfg.max_length, limit or cfg.max_length)
+        losses = chat_losses(model, tokenizer, convs, max_length=max_length, batch_size=cfg.batch_size,
+                             chat_template=template, desc=f"loss {name}")
+        table[name] = summarize(convs, losses, f"{name} on {data_path} (max_length {max_length})")
         del model
         if path:
             done[name] = table[name]

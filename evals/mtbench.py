@@ -19,11 +19,12 @@ import time
 import uuid
 from ast import literal_eval
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
 from core.errors import PivotfuseError
+from core.files import brief, is_int, is_number, is_str_list, need, read_jsonl_resumable
 from evals.config import FASTCHAT_TEMPERATURES, REFERENCE_CATEGORIES, EvalConfig
 
 _ONE_SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
@@ -65,23 +66,69 @@ def _qkey(qid: Any) -> tuple:
     return (isinstance(qid, str), qid)
 
 
-def load_rows(path: Path) -> list[dict]:
-    """Rows of a JSONL output; a torn last line (killed mid-write) is dropped, others are errors."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # no newline after it: an interrupted append
-                write_rows(path, rows)
-                break
-            raise PivotfuseError(f"{path}:{n}: invalid JSON ({e.msg}); delete the file to recompute") from None
+def _is_qid(value: Any) -> bool:
+    return is_int(value) or isinstance(value, str)
+
+
+def check_answer(row: dict, where: str) -> None:
+    """A FastChat answer row: `question_id` and `choices[0].turns`, a list of strings."""
+    need(row, "question_id", _is_qid, "an integer or a string", where)
+    choices = need(row, "choices", lambda v: isinstance(v, list) and bool(v) and isinstance(v[0], dict),
+                   "a non-empty list of objects", where)
+    turns = need(choices[0], "turns", lambda v: isinstance(v, list), "a list of strings", where, "choices[0].turns")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, str):
+            raise PivotfuseError(f"{where}: 'choices[0].turns[{i}]' must be a string, got {brief(turn)}")
+
+
+def check_judgment(row: dict, where: str) -> None:
+    """A FastChat single-answer judgment row: the fields that resuming and the report read."""
+    need(row, "question_id", _is_qid, "an integer or a string", where)
+    need(row, "model", lambda v: isinstance(v, str), "a string", where)
+    need(row, "judge", lambda v: is_str_list(v) and len(v) == 2, "a [judge, prompt name] pair of strings", where)
+    need(row, "turn", lambda v: is_int(v) and v in (1, 2), "1 or 2", where)
+    need(row, "score", is_number, "a number", where)
+
+
+def load_rows(path: Path, check: Callable[[dict, str], None]) -> list[dict]:
+    """Rows of a JSONL output, each checked by `check(row, 'file:line')`. A torn last line (killed
+    mid-write) is dropped and the file rewritten without it; any other bad line is an error."""
+    try:
+        numbered, torn = read_jsonl_resumable(path)
+        for n, row in numbered:
+            check(row, f"{path}:{n}")
+    except PivotfuseError as e:
+        raise PivotfuseError(f"{e}; delete the file to recompute") from None
+    rows = [row for _, row in numbered]
+    if torn:
+        write_rows(path, rows)
     return rows
+
+
+def load_answers(path: Path) -> list[dict]:
+    return load_rows(path, check_answer)
+
+
+def load_judgments(path: Path) -> list[dict]:
+    return load_rows(path, check_judgment)
+
+
+def model_answers(out: Path, models: list[str], questions: list[dict]) -> dict[str, dict[Any, dict]]:
+    """{model: {question_id: answer row}} from `OUT/model_answer/`, with every question answered
+    in as many turns as it has (the judges read them all)."""
+    answers = {}
+    for m in models:
+        path = out / "model_answer" / f"{m}.jsonl"
+        answers[m] = {r["question_id"]: r for r in load_answers(path)}
+        for q in questions:
+            row = answers[m].get(q["question_id"])
+            if row is None:
+                raise PivotfuseError(f"model_answer/{m}.jsonl has no answer to question {q['question_id']}")
+            if len(row["choices"][0]["turns"]) < len(q["turns"]):
+                raise PivotfuseError(f"{path}: the answer to question {q['question_id']} has "
+                                     f"{len(row['choices'][0]['turns'])} turns, the question {len(q['turns'])}: "
+                                     "rerun `eval mtbench` to answer it again")
+    return answers
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -104,8 +151,7 @@ def generate_answers(questions: list[dict], backend: Any, out: str | Path, cfg: 
     """Answer every turn of every question not yet in `OUT/model_answer/<backend.name>.jsonl`."""
     path = Path(out) / "model_answer" / f"{backend.name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {r["question_id"]: r for r in load_rows(path)
-            if r.get("choices") and isinstance(r["choices"][0].get("turns"), list)}
+    done = {r["question_id"]: r for r in load_answers(path)}
     todo = [q for q in questions if q["question_id"] not in done
             or len(done[q["question_id"]]["choices"][0]["turns"]) != len(q["turns"])]
     by_temp: dict[float, list[dict]] = {}
@@ -130,7 +176,7 @@ def generate_answers(questions: list[dict], backend: Any, out: str | Path, cfg: 
                                 "model_id": backend.name, "choices": [{"index": 0, "turns": t}],
                                 "tstamp": time.time()} for q, t in zip(chunk, turns)])
                 bar.update(len(chunk))
-    rows = {r["question_id"]: r for r in load_rows(path)}  # last row per question wins
+    rows = {r["question_id"]: r for r in load_answers(path)}  # last row per question wins
     write_rows(path, [rows[k] for k in sorted(rows, key=_qkey)])
     return path
 
@@ -176,15 +222,15 @@ def judge_answers(questions: list[dict], models: list[str], judge: Any, out: str
                   prompts: dict[str, dict], references: dict[Any, list[str]] | None = None) -> Path:
     """Grade each model's answers (turn 1 and turn 2) with `judge`; skips judgments on disk."""
     out = Path(out)
-    answers = {m: {r["question_id"]: r for r in load_rows(out / "model_answer" / f"{m}.jsonl")} for m in models}
+    answers = model_answers(out, models, questions)
     path = out / "model_judgment" / f"{judge.name}_single.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def key(qid: Any, model: str, prompt_name: str, turn: int) -> tuple:
         return (json.dumps(qid), model, prompt_name, turn)
 
-    done = {key(r["question_id"], r["model"], r["judge"][1], r["turn"]) for r in load_rows(path)
-            if r.get("judge") and r["judge"][0] == judge.name}
+    done = {key(r["question_id"], r["model"], r["judge"][1], r["turn"]) for r in load_judgments(path)
+            if r["judge"][0] == judge.name}
     todo = [mt for mt in make_matches(questions, models, answers, prompts, references)
             if key(mt[0]["question_id"], mt[1], prompts[mt[2]]["name"], 2 if mt[3] else 1) not in done]
     size = max(cfg.batch_size, cfg.concurrency)
@@ -200,6 +246,6 @@ def judge_answers(questions: list[dict], models: list[str], judge: Any, out: str
                              "turn": 2 if multi else 1, "tstamp": time.time()})
             _append(path, rows)
             bar.update(len(chunk))
-    rows = {key(r["question_id"], r["model"], r["judge"][1], r["turn"]): r for r in load_rows(path)}
+    rows = {key(r["question_id"], r["model"], r["judge"][1], r["turn"]): r for r in load_judgments(path)}
     write_rows(path, sorted(rows.values(), key=lambda r: (r["model"], r["turn"], _qkey(r["question_id"]))))
     return path

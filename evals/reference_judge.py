@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from core.errors import PivotfuseError
 from evals.config import REFERENCE_CATEGORIES
-from evals.mtbench import _append, _qkey, _reference, check_references, load_rows, write_rows
+from evals.mtbench import _append, _qkey, _reference, check_references, load_judgments, model_answers, write_rows
 
 JUDGE_NAME = "reference"
 KEY_PROMPT = "reference-key-v1"  # key answer, else F1 (capped at 9): reference categories
@@ -142,19 +142,15 @@ def judge_by_reference(questions: list[dict], models: list[str], out: str | Path
     """
     check_reference_judge(questions, references)
     out = Path(out)
-    answers = {m: {r["question_id"]: r for r in load_rows(out / "model_answer" / f"{m}.jsonl")} for m in models}
-    for q in questions:
-        for m in models:
-            if q["question_id"] not in answers[m]:
-                raise PivotfuseError(f"model_answer/{m}.jsonl has no answer to question {q['question_id']}")
+    answers = model_answers(out, models, questions)
     path = out / "model_judgment" / f"{JUDGE_NAME}_single.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def key(qid: Any, model: str, prompt: str, turn: int) -> tuple:
         return (repr(qid), model, prompt, turn)
 
-    done = {key(r["question_id"], r["model"], r["judge"][1], r["turn"]) for r in load_rows(path)
-            if r.get("judge") and r["judge"][0] == JUDGE_NAME}
+    done = {key(r["question_id"], r["model"], r["judge"][1], r["turn"]) for r in load_judgments(path)
+            if r["judge"][0] == JUDGE_NAME}
     todo, skipped = [], Counter()
     for turn in (1, 2):  # FastChat's order: every first turn, then every second turn
         for q in questions:
@@ -178,6 +174,6 @@ def judge_by_reference(questions: list[dict], models: list[str], out: str | Path
                              "turn": turn, "tstamp": time.time()})
             _append(path, rows)
             bar.update(len(rows))
-    rows = {key(r["question_id"], r["model"], r["judge"][1], r["turn"]): r for r in load_rows(path)}
+    rows = {key(r["question_id"], r["model"], r["judge"][1], r["turn"]): r for r in load_judgments(path)}
     write_rows(path, sorted(rows.values(), key=lambda r: (r["model"], r["turn"], _qkey(r["question_id"]))))
     return path, {"skipped": dict(skipped), "rows": len(rows)}

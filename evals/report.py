@@ -3,19 +3,19 @@ judgments, held-out bits per byte per domain) and a PNG bar chart, for every eva
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from core.errors import PivotfuseError
-from evals.mtbench import load_rows
+from evals.loss import read_loss_file
+from evals.mtbench import load_judgments
 
 
 def mtbench_scores(judgment_file: str | Path) -> dict[str, dict[str, float]]:
     """FastChat's `show_result --mode single`: -1 scores are dropped, then the mean per turn and
     over all judgments of a model; `unparseable` counts the dropped ones."""
     table: dict[str, dict[str, float]] = {}
-    for r in load_rows(Path(judgment_file)):
+    for r in load_judgments(Path(judgment_file)):
         stats = table.setdefault(r["model"], {"s1": 0.0, "n1": 0, "s2": 0.0, "n2": 0, "unparseable": 0})
         if r["score"] == -1:
             stats["unparseable"] += 1
@@ -54,7 +54,7 @@ def build_table(out: str | Path, models: list[str] | None = None, judge: str | N
     out = Path(out)
     jfile = _judgment_file(out, judge)
     scores = mtbench_scores(jfile) if jfile else {}
-    loss = json.loads((out / "loss.json").read_text())["models"] if (out / "loss.json").is_file() else {}
+    loss = read_loss_file(out / "loss.json")["models"] if (out / "loss.json").is_file() else {}
     if not scores and not loss:
         raise PivotfuseError(f"{out}: nothing to report (no model_judgment/*_single.jsonl, no loss.json)")
     names = models or list(dict.fromkeys([*loss, *scores]))  # loss.json keeps the order models were given
