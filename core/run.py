@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from core.errors import PivotfuseError
+from core.files import brief, read_json
 from core.fingerprint import json_sha
 from core.recipe import CLM_NAME, TARGET_PREFIX, Recipe, load_recipe
 
@@ -38,7 +39,13 @@ class Steps:
 
     def __init__(self, out: Path) -> None:
         self.path = out / "steps.json"
-        self.done: dict[str, str] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.done: dict[str, str] = {}
+        if self.path.is_file():
+            self.done = read_json(self.path, "a mapping of steps to fingerprints")
+        for step, fp in self.done.items():
+            if not isinstance(fp, str):
+                raise PivotfuseError(f"{self.path}: step {step!r} must map to a fingerprint string, got {brief(fp)}; "
+                                     "delete the file to redo every step")
 
     def fresh(self, step: str, fp: str, output: Path) -> bool:
         return self.done.get(step) == fp and output.exists()

@@ -23,6 +23,7 @@ from typing import Any
 from core.config import add_arguments as add_config_arguments
 from core.config import field, from_args
 from core.errors import PivotfuseError
+from core.files import is_int, need, read_json, read_text
 from core.paths import refuse_file_as_folder, refuse_inside
 
 
@@ -74,7 +75,7 @@ def _template(path: str | None) -> str | None:
         return None
     if not Path(path).is_file():
         raise PivotfuseError(f"{path}: chat template file not found")
-    return Path(path).read_text()
+    return read_text(path)
 
 
 def _digest(*parts: Any) -> str:
@@ -148,15 +149,21 @@ def build_map(pivot: str, source: str, data: str, out: str | Path, cfg: AlignCon
     cov = Coverage()
     skipped = truncated = start = 0
     partial = out.with_name(out.name + ".partial")
-    if partial.is_file():
-        try:
-            state = json.loads(partial.read_text())
-        except json.JSONDecodeError:
-            state = {}
+    if partial.is_file():  # written whole (temp + rename): a damaged one was changed by hand
+        state = read_json(partial, "an alignment checkpoint (JSON object)")
         if state.get("fingerprint") == fingerprint:
-            builder.restore(state["builder"])
-            cov = Coverage.from_state(state["coverage"])
-            skipped, truncated, start = state["skipped"], state["truncated"], state["done"]
+            where = f"{partial} (delete it to align from the start)"
+            start = need(state, "done", lambda v: is_int(v) and 0 <= v <= len(convs), f"0..{len(convs)}", where)
+            skipped, truncated = (need(state, k, lambda v: is_int(v) and 0 <= v <= start, f"0..{start}", where)
+                                  for k in ("skipped", "truncated"))
+            parts = {k: need(state, k, lambda v: isinstance(v, dict), "a mapping", where)
+                     for k in ("builder", "coverage")}
+            try:
+                builder.restore(parts["builder"])
+                cov = Coverage.from_state(parts["coverage"])
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise PivotfuseError(f"{where}: damaged 'builder' or 'coverage' counts "
+                                     f"({type(e).__name__}: {e})") from None
 
     def save_partial(done: int) -> None:
         tmp = partial.with_name(partial.name + ".tmp")

@@ -80,13 +80,13 @@ def run(args: argparse.Namespace) -> int:
     recipe = build_recipe(args)
     name = None if args.clm else (args.source if args.recipe else recipe.models.sources[0].name)
     target = fuse_source(recipe, name)
-    import json
-
     from accelerate import PartialState
+
+    from core.files import read_json
 
     if not PartialState().is_main_process:
         return 0
-    report = json.loads((target / "fusion_report.json").read_text())
+    report = read_json(target / "fusion_report.json")
     b, a = report["loss_before"], report["loss_after"]
     print(f"fuse: {report['target']}: loss {b.get('loss', float('nan')):.4f} -> {a.get('loss', float('nan')):.4f} "
           f"in {report['steps']} steps; coverage {report['fusion']['coverage']:.1%}; "

@@ -23,6 +23,7 @@ import yaml
 
 from core.config import to_dict
 from core.errors import PivotfuseError
+from core.files import need, read_json
 from core.fingerprint import json_sha
 from core.recipe import CLM_NAME, ModelSpec, Recipe
 from fuse.config import FuseConfig
@@ -59,8 +60,10 @@ def _rows(work: Path, fingerprint: str, build) -> Any:
 
     folder = work / "rows"
     meta = folder / "pivotfuse_rows.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fingerprint:
-        return datasets.load_from_disk(str(folder)), json.loads(meta.read_text())["stats"]
+    saved = read_json(meta) if meta.is_file() else {}
+    if saved.get("fingerprint") == fingerprint:
+        return datasets.load_from_disk(str(folder)), need(saved, "stats", lambda v: isinstance(v, dict), "a mapping",
+                                                          str(meta))
     ds, stats = build()
     tmp = work / "rows.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -109,7 +112,7 @@ def _reset_work(work: Path, fingerprint: str, is_main: bool) -> None:
     stamp = work / "fingerprint.json"
     if is_main:
         work.mkdir(parents=True, exist_ok=True)
-        if not stamp.is_file() or json.loads(stamp.read_text()).get("fingerprint") != fingerprint:
+        if not stamp.is_file() or read_json(stamp).get("fingerprint") != fingerprint:
             shutil.rmtree(work / "checkpoints", ignore_errors=True)
             (work / "loss_before.json").unlink(missing_ok=True)
             stamp.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
@@ -166,7 +169,7 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     fingerprint = json_sha({"rows": rows_fp, "samples": report_samples,
                         "fuse": {k: v for k, v in to_dict(cfg).items() if k not in ignore}})
     report_file = target / "fusion_report.json"
-    if report_file.is_file() and json.loads(report_file.read_text()).get("fingerprint") == fingerprint:
+    if report_file.is_file() and read_json(report_file).get("fingerprint") == fingerprint:
         return target  # already trained with these inputs and settings
     with state.main_process_first():
         _reset_work(work, fingerprint, state.is_main_process)

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from core.errors import PivotfuseError
+from core.files import is_int, is_number, need, read_json
 
 FORMAT = "pivotfuse-logit-store"
 VERSION = 1
@@ -132,16 +133,41 @@ def _write_json(path: Path, data: dict) -> None:
     _write_atomic(path, lambda fh: fh.write((json.dumps(data, indent=1, sort_keys=True) + "\n").encode()))
 
 
+def _nonneg(value: Any) -> bool:
+    return is_int(value) and value >= 0
+
+
+def _positive(value: Any) -> bool:
+    return is_int(value) and value > 0
+
+
+def _stats(data: dict, where: str, prefix: str = "") -> dict:
+    """A shard's (or the store's) statistics: a number for every one of `STAT_KEYS`."""
+    for key in STAT_KEYS:
+        need(data, key, is_number, "a number", where, prefix + key)
+    return data
+
+
 def read_manifest(path: Path) -> dict | None:
+    """The manifest of the store at `path` (None when there is none), every field the writer
+    and the reader use checked, so a damaged manifest is one line naming the file and the field."""
     file = Path(path) / MANIFEST
     if not file.is_file():
         return None
-    try:
-        manifest = json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PivotfuseError(f"{file}: unreadable store manifest ({e})") from None
+    manifest = read_json(file, "a store manifest (JSON object)")
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise PivotfuseError(f"{path}: not a {FORMAT} v{VERSION} store")
+    where = str(file)
+    need(manifest, "fingerprint", lambda v: isinstance(v, dict), "a mapping", where)
+    need(manifest, "top_k", _positive, "a positive integer", where)
+    for key in ("n_rows", "n_shards"):
+        need(manifest, key, _nonneg, "a non-negative integer", where)
+    need(manifest, "shard_size", _positive, "a positive integer", where)
+    dtypes = need(manifest, "dtypes", lambda v: isinstance(v, dict), "a mapping", where)
+    for key in ("ids", "spans"):
+        need(dtypes, key, lambda v: v in ("uint16", "int32"), "'uint16' or 'int32'", where, f"dtypes.{key}")
+    if need(manifest, "complete", lambda v: isinstance(v, bool), "true or false", where):
+        _stats(need(manifest, "stats", lambda v: isinstance(v, dict), "a mapping", where), where, "stats.")
     return manifest
 
 
@@ -215,8 +241,10 @@ class StoreWriter:
             raise PivotfuseError(f"{self.path}: shards {missing[:5]} were not written; rerun to resume")
         total = dict.fromkeys(STAT_KEYS, 0)
         for s in range(self.manifest["n_shards"]):
-            for key, value in json.loads(self.shard_path(s).with_suffix(".json").read_text()).items():
-                total[key] += value
+            file = self.shard_path(s).with_suffix(".json")
+            stats = _stats(read_json(file, "a mapping of shard statistics"), str(file))
+            for key in STAT_KEYS:
+                total[key] += stats[key]
         self.manifest.update(complete=True, stats=total)
         _write_json(self.path / MANIFEST, self.manifest)
         return total

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from core.files import read_json
 from fuse.config import FuseConfig
 from fuse.loss import IGNORE_INDEX, fusion_loss
 
@@ -301,7 +302,7 @@ def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, wo
     before_file = work / "loss_before.json"
     last = _last_complete_checkpoint(ckpt_dir, state.is_main_process)
     if before_file.is_file():
-        before = json.loads(before_file.read_text())
+        before = read_json(before_file)
     else:  # measured once, on the untouched pivot (a resumed run reuses it)
         before = _evaluate(trainer, eval_dataset)
         if state.is_main_process:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import PivotfuseError
+from core.files import is_int, need, read_json
 from fuse.align import Alignment, ed
 from fuse.surface import TokenText
 
@@ -81,19 +82,25 @@ class VocabMap:
         path = Path(path)
         if not path.is_file():
             raise PivotfuseError(f"{path}: vocabulary map not found")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PivotfuseError(f"{path}: not a JSON vocabulary map ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        data = read_json(path, "a vocabulary map (JSON object)")
+        if data.get("format") != FORMAT:
             raise PivotfuseError(f"{path}: 'format' is not {FORMAT!r}")
         if data.get("version") != VERSION:
             raise PivotfuseError(f"{path}: 'version' {data.get('version')!r} is not {VERSION}")
         mapping, how = data.get("map"), data.get("how")
-        if not isinstance(mapping, list) or not all(isinstance(x, int) for x in mapping):
+        if not isinstance(mapping, list) or not all(is_int(x) for x in mapping):
             raise PivotfuseError(f"{path}: 'map' must be a list of integers")
         if not isinstance(how, str) or len(how) != len(mapping) or set(how) - set(HOW):
             raise PivotfuseError(f"{path}: 'how' must hold one of {''.join(HOW)} per 'map' entry")
+        for key in ("pivot", "source", "stats"):  # optional, but a mapping when present
+            if data.get(key) is not None:
+                need(data, key, lambda v: isinstance(v, dict), "a mapping", str(path))
+        if data.get("evidence") is not None:
+            need(data, "evidence", lambda v: isinstance(v, list) and all(
+                isinstance(e, list) and len(e) == 3 and all(is_int(x) for x in e) for e in v),
+                "a list of [source id, pivot id, count] integer triples", str(path))
+        if data.get("fingerprint") is not None:
+            need(data, "fingerprint", lambda v: isinstance(v, str), "a string", str(path))
         size = (data.get("pivot") or {}).get("vocab_size")
         arr = np.asarray(mapping, dtype=np.int64)
         if len(arr) and (arr.min() < -1 or (isinstance(size, int) and arr.max() >= size)):

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from core.errors import PivotfuseError
+from core.files import read_json
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -319,7 +320,7 @@ def copy_aux_files(src: str | Path, dst: str | Path, dtype: str | None = None) -
         shutil.copy2(src / name, dst / name)
     cfg = dst / "config.json"
     if dtype and cfg.is_file():
-        data = json.loads(cfg.read_text())
+        data = read_json(src / "config.json", "a model config (JSON object)")  # the base's: errors name it
         keys = [k for k in ("dtype", "torch_dtype") if k in data] or ["dtype"]
         for k in keys:
             data[k] = dtype

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.errors import PivotfuseError
+from core.files import is_number_list, need, read_json, read_jsonl_resumable
 from core.paths import refuse_file_as_folder
 from merge import card, methods
 from merge.config import MergeConfig, parse_size
@@ -141,23 +142,47 @@ def merge_models(base: str, models: list[str], config: MergeConfig, out: str, ov
             r.close()
 
 
+def _check_record(rec: dict, where: str) -> None:
+    """A progress record: the tensor's name and, for merged tensors, per-model numbers."""
+    need(rec, "name", lambda v: isinstance(v, str), "a string", where)
+    for key in ("weights", "kept"):
+        if rec.get(key) is not None:
+            need(rec, key, is_number_list, "a list of numbers", where)
+
+
 def _open_partial(tmp: Path, fingerprint: str) -> dict[str, dict]:
     """Reuse `tmp` when it holds an interrupted merge with the same fingerprint (returning the
-    records of the tensors it wrote), else start it afresh."""
+    records of the tensors it wrote), else start it afresh. A damaged state or progress file is a
+    one-line error: it would name tensors as written that may not be."""
     state, log = tmp / _STATE, tmp / _LOG
     done: dict[str, dict] = {}
-    if tmp.is_dir() and state.is_file() and json.loads(state.read_text()).get("fingerprint") == fingerprint:
-        for line in (log.read_text().splitlines() if log.is_file() else []):
-            try:
-                rec = json.loads(line)
-                done[rec["name"]] = rec
-            except (ValueError, KeyError):
-                break  # a torn last line: redo from there
-    elif tmp.exists():
+    resume, torn = False, False
+    if tmp.is_dir() and state.is_file():
+        try:
+            saved = need(read_json(state, "a merge state (JSON object)"), "fingerprint", lambda v: isinstance(v, str),
+                         "a string", str(state))
+            if saved == fingerprint:
+                rows, torn = read_jsonl_resumable(log)  # a torn last line: redo from there
+                for n, rec in rows:
+                    _check_record(rec, f"{log}:{n}")
+                    done[rec["name"]] = rec
+                resume = True
+        except PivotfuseError as e:
+            raise PivotfuseError(f"{e}; delete {tmp} to start the merge over") from None
+    if torn:  # drop the torn line, so that this run's records start on a line of their own
+        _write_text(log, "".join(json.dumps(rec) + "\n" for _, rec in rows))
+    if not resume and tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"fingerprint": fingerprint}))
+    _write_text(state, json.dumps({"fingerprint": fingerprint}))
     return done
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write under a temporary name, then rename: a killed run never leaves half a state file."""
+    part = path.with_name(path.name + ".tmp")
+    part.write_text(text)
+    part.replace(path)
 
 
 def _publish(tmp: Path, out: Path) -> None:
