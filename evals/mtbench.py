@@ -90,13 +90,15 @@ def check_judgment(row: dict, where: str) -> None:
     need(row, "score", is_number, "a number", where)
 
 
-def load_rows(path: Path, check: Callable[[dict, str], None]) -> list[dict]:
-    """Rows of a JSONL output, each checked by `check(row, 'file:line')`. A torn last line (killed
-    mid-write) is dropped and the file rewritten without it; any other bad line is an error."""
+def load_rows(path: Path, check: Callable[[dict, str], None] | None = None) -> list[dict]:
+    """Rows (JSON objects) of a JSONL output, each checked by `check(row, 'file:line')` when given.
+    A torn last line (killed mid-write) is dropped and the file rewritten without it; any other bad
+    line is an error."""
     try:
         numbered, torn = read_jsonl_resumable(path)
         for n, row in numbered:
-            check(row, f"{path}:{n}")
+            if check is not None:
+                check(row, f"{path}:{n}")
     except PivotfuseError as e:
         raise PivotfuseError(f"{e}; delete the file to recompute") from None
     rows = [row for _, row in numbered]
