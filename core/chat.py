@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from core.atomic import write_with
 from core.errors import PivotfuseError
 from core.files import read_jsonl
 
@@ -116,12 +117,12 @@ def load_conversations(source: str | Path, split: str = "train", limit: int | No
 
 def write_conversations(convs: Iterable[Conversation], path: str | Path) -> None:
     """Write chats as JSONL (`id`, `domain`, `messages`), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    def write(fh: Any) -> None:
         for c in convs:
-            fh.write(json.dumps({"id": c.id, "domain": c.domain, "messages": c.messages}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+            fh.write((json.dumps({"id": c.id, "domain": c.domain, "messages": c.messages}, ensure_ascii=False)
+                      + "\n").encode("utf-8"))
+
+    write_with(path, write)
 
 
 def end_of_turn_tokens(tokenizer: Any) -> list[str]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from core.atomic import write_text
 from core.errors import PivotfuseError
 from core.files import brief, read_json
 from core.fingerprint import json_sha
@@ -52,9 +53,7 @@ class Steps:
 
     def mark(self, step: str, fp: str) -> None:
         self.done[step] = fp
-        tmp = self.path.with_name("steps.json.tmp")
-        tmp.write_text(json.dumps(self.done, indent=1))
-        tmp.replace(self.path)
+        write_text(self.path, json.dumps(self.done, indent=1))
 
 
 def _log(msg: str) -> None:
@@ -184,9 +183,7 @@ def write_run_report(recipe: Recipe, eval_dir: Path, models: dict[str, str], mer
             lines += ["", "| claim | holds | numbers |", "|---|---|---|"]
             lines += [f"| {c} | {'yes' if ok else '**no**'} | {n} |" for c, ok, n in checks]
     md_path = out / "report.md"
-    tmp = md_path.with_name("report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(md_path)
+    write_text(md_path, "\n".join(lines) + "\n")
     plot(data, out / "report.png")
     return md_path
 
@@ -201,7 +198,7 @@ def run_recipe(recipe: Recipe) -> Path:
     out = Path(recipe.out)
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
+        write_text(out / "recipe.yaml", yaml.safe_dump(asdict(recipe), sort_keys=False))
     steps = Steps(out)
     if recipe.world is not None:
         from world.build import build_world

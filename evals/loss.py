@@ -18,6 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from core.atomic import write_text
 from core.chat import Conversation, load_conversations, render_chat, tokenize_chat
 from core.errors import PivotfuseError
 from core.files import brief, is_number, need, read_json, read_text
@@ -181,8 +182,6 @@ def heldout_loss(models: dict[str, str], data_path: str | Path, cfg: EvalConfig 
         if path:
             done[name] = table[name]
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps({"data": str(data_path), "max_length": cfg.max_length, "unit": UNIT,
-                                       "models": done}, indent=1))
-            tmp.replace(path)
+            write_text(path, json.dumps({"data": str(data_path), "max_length": cfg.max_length, "unit": UNIT,
+                                         "models": done}, indent=1))
     return table

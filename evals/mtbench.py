@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from core.atomic import write_text
 from core.errors import PivotfuseError
 from core.files import brief, is_int, is_number, is_str_list, need, read_jsonl_resumable
 from evals.config import FASTCHAT_TEMPERATURES, REFERENCE_CATEGORIES, EvalConfig
@@ -134,9 +135,7 @@ def model_answers(out: Path, models: list[str], questions: list[dict]) -> dict[s
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _append(path: Path, rows: list[dict]) -> None:

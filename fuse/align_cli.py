@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from core.atomic import write_text
 from core.config import add_arguments as add_config_arguments
 from core.config import field, from_args
 from core.errors import PivotfuseError
@@ -166,10 +166,8 @@ def build_map(pivot: str, source: str, data: str, out: str | Path, cfg: AlignCon
                                      f"({type(e).__name__}: {e})") from None
 
     def save_partial(done: int) -> None:
-        tmp = partial.with_name(partial.name + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fingerprint, "done": done, "skipped": skipped,
-                                   "truncated": truncated, "builder": builder.state(), "coverage": cov.state()}))
-        os.replace(tmp, partial)
+        write_text(partial, json.dumps({"fingerprint": fingerprint, "done": done, "skipped": skipped,
+                                        "truncated": truncated, "builder": builder.state(), "coverage": cov.state()}))
 
     bar = tqdm(total=len(convs), initial=start, desc=f"align {Path(source).name} → {Path(pivot).name}",
                unit="conv", disable=not progress)

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from core.atomic import publish_folder, write_text
 from core.config import to_dict
 from core.errors import PivotfuseError
 from core.files import need, read_json
@@ -69,8 +70,7 @@ def _rows(work: Path, fingerprint: str, build) -> Any:
     shutil.rmtree(tmp, ignore_errors=True)
     ds.save_to_disk(str(tmp))
     (tmp / "pivotfuse_rows.json").write_text(json.dumps({"fingerprint": fingerprint, "stats": stats}, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    publish_folder(tmp, folder)
     return datasets.load_from_disk(str(folder)), stats
 
 
@@ -115,7 +115,7 @@ def _reset_work(work: Path, fingerprint: str, is_main: bool) -> None:
         if not stamp.is_file() or read_json(stamp).get("fingerprint") != fingerprint:
             shutil.rmtree(work / "checkpoints", ignore_errors=True)
             (work / "loss_before.json").unlink(missing_ok=True)
-            stamp.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+            write_text(stamp, json.dumps({"fingerprint": fingerprint}) + "\n")
 
 
 def _eos(path: str) -> list[str]:

@@ -20,7 +20,6 @@ the dtypes are fixed per store from the tokenizer and corpus, and the reader alw
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from core.atomic import write_bytes, write_with
 from core.errors import PivotfuseError
 from core.files import is_int, is_number, need, read_json
 
@@ -119,18 +119,9 @@ def records_to_table(records: list[TeacherRecord], sch: pa.Schema) -> pa.Table:
     return pa.table(cols, schema=sch)
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    """Write through `write(file)` into `path.tmp`, fsync, then rename over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        write(fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, data: dict) -> None:
-    _write_atomic(path, lambda fh: fh.write((json.dumps(data, indent=1, sort_keys=True) + "\n").encode()))
+    """Manifests and shard statistics are trusted once they exist: fsynced before the rename."""
+    write_bytes(path, (json.dumps(data, indent=1, sort_keys=True) + "\n").encode(), fsync=True)
 
 
 def _nonneg(value: Any) -> bool:
@@ -232,7 +223,7 @@ class StoreWriter:
         def write(fh: Any) -> None:
             with pa.ipc.new_stream(fh, self.schema) as writer:
                 writer.write_table(table)
-        _write_atomic(out, write)
+        write_with(out, write, fsync=True)
 
     def finalize(self) -> dict:
         """Sum the shards' statistics into the manifest and mark the store complete (main process)."""

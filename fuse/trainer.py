@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from trl import SFTConfig, SFTTrainer
 
+from core.atomic import publish_folder, write_text
 from core.files import read_json
 from fuse.config import FuseConfig
 from fuse.loss import IGNORE_INDEX, fusion_loss
@@ -306,7 +307,7 @@ def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, wo
     else:  # measured once, on the untouched pivot (a resumed run reuses it)
         before = _evaluate(trainer, eval_dataset)
         if state.is_main_process:
-            before_file.write_text(json.dumps(before, indent=1) + "\n")
+            write_text(before_file, json.dumps(before, indent=1) + "\n")
     trainer.train(resume_from_checkpoint=last)
     after = _evaluate(trainer, eval_dataset)
 
@@ -329,8 +330,6 @@ def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, wo
         _copy_tokenizer_files(Path(pivot_dir), tmp)
         if write_extra is not None:
             write_extra(tmp, result)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish_folder(tmp, out)
     state.wait_for_everyone()
     return result

@@ -29,13 +29,13 @@ For fusion: `vmap = VocabMap.load(path)`; `vmap.to_pivot(source_id)` → pivot i
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from core.atomic import write_text
 from core.errors import PivotfuseError
 from core.files import is_int, need, read_json
 from fuse.align import Alignment, ed
@@ -73,9 +73,7 @@ class VocabMap:
         data = {"format": FORMAT, "version": VERSION, "fingerprint": self.fingerprint, "pivot": self.pivot,
                 "source": self.source, "stats": self.stats, "map": self.mapping.tolist(), "how": self.how,
                 "evidence": self.evidence}
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, ensure_ascii=False))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(data, ensure_ascii=False))
 
     @classmethod
     def load(cls, path: str | Path) -> "VocabMap":

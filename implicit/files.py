@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from core.atomic import write_text
 from core.errors import PivotfuseError
 from evals.mtbench import load_rows, write_rows
 
@@ -56,9 +57,7 @@ def check_settings(path: Path, settings: dict[str, Any], what: str) -> None:
                                  f"{k}={want.get(k)!r}; use another output folder, or delete the {what} to redo them")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(want, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps(want, indent=1, sort_keys=True) + "\n")
 
 
 def read_rows(path: Path, what: str) -> list[dict]:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.atomic import write_text
 from core.config import field
 from core.errors import PivotfuseError
 from implicit.files import answer_path, read_rows, score_path
@@ -250,9 +251,7 @@ def load_candidates(out: str | Path, scorer: str, model: str) -> tuple[dict[str,
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def build_preference_data(prompts: list[Prompt], samples: str | Path, scorer: str, sources: list[str],
@@ -284,7 +283,5 @@ def build_preference_data(prompts: list[Prompt], samples: str | Path, scorer: st
     _write_jsonl(out / "dpo.jsonl", built["dpo"])
     if built["wrpo"] is not None:
         _write_jsonl(out / "wrpo.jsonl", built["wrpo"])
-    tmp = out / "build_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(out / "build_report.json")
+    write_text(out / "build_report.json", json.dumps(report, indent=1) + "\n")
     return report

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from core.atomic import publish_folder, write_text
 from core.chat import read_jsonl
 from core.errors import PivotfuseError
 from fuse.trainer import _CHECKPOINTING, _copy_tokenizer_files, _last_complete_checkpoint, _merge_lora, _pivot_dtype
@@ -130,7 +131,7 @@ def _run(kind: str, model_dir: str, rows: list[dict], eval_rows: list[dict] | No
         before = trainer.evaluate()
         if state.is_main_process:
             work.mkdir(parents=True, exist_ok=True)
-            before_file.write_text(json.dumps(before, indent=1) + "\n")
+            write_text(before_file, json.dumps(before, indent=1) + "\n")
     trainer.train(resume_from_checkpoint=last)
     after = trainer.evaluate()
     result = {"kind": kind, "model": str(model_dir), "loss_before": before["eval_loss"],
@@ -157,9 +158,7 @@ def _run(kind: str, model_dir: str, rows: list[dict], eval_rows: list[dict] | No
         summary = {k: v for k, v in result.items() if k != "log_history"}
         (tmp / "implicit_train.json").write_text(json.dumps(
             {**summary, "config": dataclasses.asdict(cfg), "log_history": result["log_history"]}, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish_folder(tmp, out)
     state.wait_for_everyone()
     return result
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from core.atomic import publish_folder, write_text
 from core.errors import PivotfuseError
 from core.files import is_number_list, need, read_json, read_jsonl_resumable
 from core.paths import refuse_file_as_folder
@@ -170,34 +171,19 @@ def _open_partial(tmp: Path, fingerprint: str) -> dict[str, dict]:
         except PivotfuseError as e:
             raise PivotfuseError(f"{e}; delete {tmp} to start the merge over") from None
     if torn:  # drop the torn line, so that this run's records start on a line of their own
-        _write_text(log, "".join(json.dumps(rec) + "\n" for _, rec in rows))
+        write_text(log, "".join(json.dumps(rec) + "\n" for _, rec in rows))
     if not resume and tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    _write_text(state, json.dumps({"fingerprint": fingerprint}))
+    write_text(state, json.dumps({"fingerprint": fingerprint}))
     return done
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename: a killed run never leaves half a state file."""
-    part = path.with_name(path.name + ".tmp")
-    part.write_text(text)
-    part.replace(path)
 
 
 def _publish(tmp: Path, out: Path) -> None:
     """Rename the complete `tmp` folder to `out` (swapping out an existing one for --overwrite)."""
     (tmp / _STATE).unlink()
     (tmp / _LOG).unlink()
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    publish_folder(tmp, out)
 
 
 def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: list[Item], config: MergeConfig,
