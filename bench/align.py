@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from core.chat import render_chat, tokenize_chat  # noqa: E402
 from fuse import align as align_mod  # noqa: E402
-from fuse.chat_align import ChatTokens, _content_end, align_chat  # noqa: E402
+from fuse.chat_align import ChatTokens, content_end, align_chat  # noqa: E402
 from fuse.coverage import Coverage  # noqa: E402
 from fuse.surface import TokenText  # noqa: E402
 from fuse.vocab import VocabMapBuilder  # noqa: E402
@@ -145,7 +145,7 @@ def replies(view: ChatTokens, tt: TokenText) -> list[tuple[list[str], list[str],
     spellings, offsets."""
     out = []
     for s, e in view.assistant_spans:
-        reply = view.text[s:_content_end(view.text, s, e, tt.tokenizer.eos_token)]
+        reply = view.text[s:content_end(view.text, s, e, tt.tokenizer.eos_token)]
         enc = tt.tokenizer(reply, add_special_tokens=False, return_offsets_mapping=True)
         out.append((tt.in_context(enc["input_ids"], enc["offset_mapping"], reply),
                     tt.tokenizer.convert_ids_to_tokens(enc["input_ids"]), enc["offset_mapping"]))

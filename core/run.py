@@ -20,7 +20,7 @@ import yaml
 from core.atomic import write_text
 from core.errors import PivotfuseError
 from core.files import brief, read_json
-from core.fingerprint import json_sha
+from core.fingerprint import folder_stamp, json_sha
 from core.recipe import CLM_NAME, TARGET_PREFIX, Recipe, load_recipe
 
 
@@ -28,11 +28,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override recipe values, e.g. --set fuse.lr=1e-4 out=runs/x")
-
-
-def _folder_stamp(folder: Path) -> list:
-    """Weights files with sizes and mtimes: cheap, and changes whenever a model is rewritten."""
-    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.glob("*.safetensors"))]
 
 
 class Steps:
@@ -83,8 +78,8 @@ def _phase2(recipe: Recipe, targets: dict[str, Path], steps: Steps) -> dict[str,
     merged = {}
     for spec in recipe.merge:
         out = Path(recipe.out) / "merged" / spec.name
-        fp = json_sha({"spec": asdict(spec), "pivot": _folder_stamp(pivot),
-                   "targets": {k: _folder_stamp(v) for k, v in targets.items()}})
+        fp = json_sha({"spec": asdict(spec), "pivot": folder_stamp(pivot),
+                   "targets": {k: folder_stamp(v) for k, v in targets.items()}})
         if steps.fresh(f"merge:{spec.name}", fp, out):
             _log(f"phase 2: merge {spec.name} is up to date")
         else:
@@ -116,7 +111,7 @@ def _evaluate(recipe: Recipe, models: dict[str, str], steps: Steps) -> Path:
     cfg = replace(cfg, out=str(out), demo_facts=recipe.world_path(cfg.demo_facts) if cfg.demo_facts else None)
     templates = {s.name: s.chat_template for s in [recipe.models.pivot, *recipe.models.sources] if s.chat_template}
     # a model rewritten since its last evaluation must not keep its old numbers
-    fp = json_sha({"models": {k: _folder_stamp(Path(v)) for k, v in models.items()}, "eval": asdict(cfg)})
+    fp = json_sha({"models": {k: folder_stamp(Path(v)) for k, v in models.items()}, "eval": asdict(cfg)})
     if not steps.fresh("eval", fp, out):
         for stale in ("loss.json", "model_answer", "model_judgment"):
             p = out / stale

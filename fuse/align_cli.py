@@ -13,18 +13,17 @@ fingerprint (tokenizers, templates, corpus, settings) matches is reused as is.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from core.atomic import write_text
 from core.config import add_arguments as add_config_arguments
 from core.config import field, from_args
 from core.errors import PivotfuseError
-from core.files import is_int, need, read_json, read_text
-from core.paths import refuse_file_as_folder, refuse_inside
+from core.files import is_int, need, read_json
+from core.fingerprint import digest, source_bytes, tokenizer_files
+from core.loading import check_tokenizer_folder, load_tokenizer, read_chat_template, refuse_inside
 
 
 @dataclass
@@ -48,49 +47,6 @@ class AlignConfig:
             raise ValueError(f"theta: must be >= -1 (-1: off), got {self.theta}")
         if self.checkpoint_every <= 0:
             raise ValueError(f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
-
-
-def _check_folder(path: str, label: str = "model") -> None:
-    folder = Path(path)
-    refuse_file_as_folder(path, label)
-    if not folder.is_dir():
-        raise PivotfuseError(f"{path}: model folder not found")
-    if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
-        raise PivotfuseError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-
-
-def load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    _check_folder(path)
-    folder = Path(path)
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except Exception as e:  # noqa: BLE001 - any load failure is a bad model folder
-        raise PivotfuseError(f"{path}: cannot load the tokenizer ({e})") from None
-
-
-def _template(path: str | None) -> str | None:
-    if path is None:
-        return None
-    if not Path(path).is_file():
-        raise PivotfuseError(f"{path}: chat template file not found")
-    return read_text(path)
-
-
-def _digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-def _files(folder: str) -> bytes:
-    out = b""
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
-        f = Path(folder) / name
-        out += name.encode() + (hashlib.sha256(f.read_bytes()).digest() if f.is_file() else b"-")
-    return out
 
 
 def _check_out(out: Path, inputs: tuple[str, ...]) -> None:
@@ -127,14 +83,13 @@ def build_map(pivot: str, source: str, data: str, out: str | Path, cfg: AlignCon
 
     out = Path(out)
     for label, folder in (("pivot", pivot), ("source", source)):
-        _check_folder(folder, label)
+        check_tokenizer_folder(folder, label)
     _check_out(out, (pivot, source))
-    p_tpl, s_tpl = _template(pivot_template), _template(source_template)
+    p_tpl, s_tpl = read_chat_template(pivot_template), read_chat_template(source_template)
     convs = load_conversations(data, limit=cfg.limit)
-    code = b"".join((Path(__file__).parent / f).read_bytes()
-                    for f in ("align.py", "chat_align.py", "surface.py", "vocab.py", "coverage.py"))
-    fingerprint = _digest(code, _files(pivot), _files(source), p_tpl, s_tpl,
-                          [(c.id, c.messages) for c in convs], asdict(cfg) | {"checkpoint_every": None})
+    code = source_bytes(Path(__file__).parent, ("align.py", "chat_align.py", "surface.py", "vocab.py", "coverage.py"))
+    fingerprint = digest(code, tokenizer_files(pivot), tokenizer_files(source), p_tpl, s_tpl,
+                         [(c.id, c.messages) for c in convs], asdict(cfg) | {"checkpoint_every": None})
     if out.is_file():
         try:
             old = VocabMap.load(out)

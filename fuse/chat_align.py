@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from core.chat import reply_end
 from fuse.align import Alignment, align_tokens
 from fuse.surface import TokenText
 
@@ -62,14 +63,11 @@ class ChatAlignment(Alignment):
     end_of_turn: int = 0  # end-of-turn tokens paired
 
 
-def _content_end(text: str, start: int, end: int, eos: str | None) -> int:
-    """End of the reply text inside an assistant span: before the end-of-turn token and the single
-    space some templates put before it (Llama-2's `reply </s>`)."""
-    if eos and text.endswith(eos, start, end):
-        end -= len(eos)
-        if end > start and text[end - 1] == " ":
-            end -= 1
-    return end
+def content_end(text: str, start: int, end: int, eos: str | None) -> int:
+    """End of the reply text inside an assistant span as the alignment takes it: `core.chat.reply_end`
+    with the tokenizer's EOS as the one end-of-turn token (a span closed by another ender keeps it,
+    and the common prefix of the two replies then decides where the text ends)."""
+    return reply_end(text, start, end, [eos] if eos else [])
 
 
 def _common_prefix(x: str, i: int, y: str, j: int, limit: int) -> int:
@@ -130,7 +128,7 @@ def align_chat(pivot: ChatTokens, source: ChatTokens, pivot_text: TokenText, sou
     paths: list[np.ndarray] = []  # MinED paths
     cost = eot = 0
     for r, ((ps, pe), (ss, se)) in enumerate(zip(pivot.assistant_spans, source.assistant_spans)):
-        p_end, s_end = _content_end(pivot.text, ps, pe, p_eos), _content_end(source.text, ss, se, s_eos)
+        p_end, s_end = content_end(pivot.text, ps, pe, p_eos), content_end(source.text, ss, se, s_eos)
         # The shared reply text: equal by construction; the common prefix guards against templates
         # that alter a reply (then only the part both kept is aligned).
         length = _common_prefix(pivot.text, ps, source.text, ss, min(p_end - ps, s_end - ss))

@@ -18,7 +18,7 @@ from pathlib import Path
 from core.config import add_arguments as add_config_arguments
 from core.config import apply_overrides, from_args, from_dict, load_yaml, to_dict
 from core.errors import PivotfuseError
-from core.paths import refuse_file_as_folder
+from core.loading import refuse_file_as_folder
 from fuse.config import FuseConfig
 
 

@@ -13,8 +13,6 @@ ids differ only where two candidates tie within it (tests/test_extract.py bounds
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sys
 import time
@@ -28,14 +26,13 @@ import numpy as np
 from core.chat import Conversation, end_of_turn_tokens, load_conversations, render_chat, tokenize_chat
 from core.config import field
 from core.errors import PivotfuseError
-from core.files import read_text
-from core.paths import refuse_file_as_folder, refuse_inside
+from core.fingerprint import conversations_sha, model_fingerprint, sha256_hex
+from core.loading import chat_template, load_causal_lm, load_tokenizer, refuse_inside, vocab_size
 from fuse.positions import Enders, content_ranges
 from fuse.store import StoreWriter, TeacherRecord, int_type
 
 log = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 @dataclass
@@ -63,68 +60,9 @@ class ExtractConfig:
             raise ValueError(f"dtype: must be one of {list(DTYPES)}, got {self.dtype!r}")
 
 
-def _sha(data: bytes | str) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
-def model_fingerprint(path: Path) -> str:
-    """config.json plus, per weight file, its name, size and 17 sampled 64 KiB blocks: changes
-    when any checkpoint is retrained, survives a copy (no mtimes), costs ~1 MB of reads per file."""
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name.endswith(".index.json")):
-        size = f.stat().st_size
-        h.update(f"{f.name}:{size}".encode())
-        with f.open("rb") as fh:
-            for off in sorted({min(max(size - 65536, 0), i * size // 16) for i in range(17)}):
-                fh.seek(off)
-                h.update(fh.read(65536))
-    return h.hexdigest()
-
-
-def data_fingerprint(convs: list[Conversation]) -> str:
-    h = hashlib.sha256()
-    for c in convs:
-        h.update(json.dumps([c.id, c.domain, c.messages], ensure_ascii=False).encode() + b"\n")
-    return h.hexdigest()
-
-
-def load_tokenizer(model: str) -> Any:
-    from transformers import AutoTokenizer
-
-    path = Path(model)
-    refuse_file_as_folder(path, "model")
-    if not path.is_dir() or not (path / "config.json").is_file():
-        raise PivotfuseError(f"{path}: not a model folder (no config.json)")
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # noqa: BLE001 - any load failure is a bad model folder
-        raise PivotfuseError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
-    if not getattr(tok, "is_fast", False):
-        raise PivotfuseError(f"{path}: needs a fast tokenizer (tokenizer.json) for character offsets")
-    return tok
-
-
-def model_vocab_size(path: str) -> int | None:
-    """Rows of the model's output layer as its config gives them (no weights read); None if unknown."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - loading the model names the problem
-        return None
-    size = getattr(config.get_text_config(), "vocab_size", None)
-    return size if isinstance(size, int) and size > 0 else None
-
-
 def resolve_template(tok: Any, cfg: ExtractConfig) -> str:
-    if cfg.chat_template:
-        file = Path(cfg.chat_template)
-        if not file.is_file():
-            raise PivotfuseError(f"{file}: chat template file not found")
-        return read_text(file)
-    if not getattr(tok, "chat_template", None):
-        raise PivotfuseError(f"{cfg.model}: tokenizer has no chat template (pass --chat-template FILE)")
-    return tok.chat_template
+    """The template the model reads the corpus with: the given file's, else its tokenizer's."""
+    return chat_template(tok, cfg.chat_template, f"{cfg.model}: tokenizer")
 
 
 def resolve_dtype(name: str) -> Any:
@@ -136,16 +74,10 @@ def resolve_dtype(name: str) -> Any:
 
 
 def load_model(path: str, dtype: Any, state: Any) -> Any:
-    from transformers import AutoModelForCausalLM
-
     # One process and a GPU: let accelerate place (and if needed split) the model; data-parallel
     # runs put a whole copy on each process's device.
     device_map: Any = "auto" if state.num_processes == 1 and state.device.type == "cuda" else {"": state.device}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map)
-    except Exception as e:  # noqa: BLE001
-        raise PivotfuseError(f"{path}: cannot load the model ({type(e).__name__}: {str(e)[:200]})") from None
-    return model.eval()
+    return load_causal_lm(path, dtype=dtype, device_map=device_map)
 
 
 @dataclass
@@ -285,8 +217,8 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
     refuse_inside(cfg.out, cfg.model, "out")
     # Force the CPU backend (gloo) when there is no accelerator, so torchrun/accelerate CPU runs split work.
     state = PartialState(cpu=torch.accelerator.current_accelerator() is None)
-    tok = load_tokenizer(cfg.model)
-    vocab = model_vocab_size(cfg.model)
+    tok = load_tokenizer(cfg.model, model=True, fast=True)
+    vocab = vocab_size(cfg.model)
     if vocab is not None and cfg.top_k > vocab:
         raise PivotfuseError(f"top_k: {cfg.top_k} exceeds the vocabulary size {vocab} of {cfg.model} (config.json)")
     template = resolve_template(tok, cfg)
@@ -294,8 +226,8 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
     longest = _scan(convs, tok, template, cfg.data)
     dtype = resolve_dtype(cfg.dtype)
     fingerprint = {
-        "model": model_fingerprint(Path(cfg.model)), "tokenizer": _sha(tok.backend_tokenizer.to_str()),
-        "template": _sha(template), "data": data_fingerprint(convs),
+        "model": model_fingerprint(Path(cfg.model)), "tokenizer": sha256_hex(tok.backend_tokenizer.to_str()),
+        "template": sha256_hex(template), "data": conversations_sha(convs),
         "settings": {"top_k": cfg.top_k, "max_length": cfg.max_length, "shard_size": cfg.shard_size,
                      "dtype": str(dtype).replace("torch.", "")},
     }

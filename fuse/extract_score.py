@@ -6,8 +6,6 @@ against a plain full `log_softmax` in tests.
 
 from __future__ import annotations
 
-import inspect
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +13,7 @@ import numpy as np
 import torch
 
 from core.errors import PivotfuseError
-
-log = logging.getLogger(__name__)
+from core.logits import accepts_logits_to_keep, final_hidden, head_logits, head_path_known_bad, head_path_ok
 
 # Rows of float32 logits handled at once: bounds the (rows, V) temporaries to ~128 MB.
 _CHUNK_ELEMENTS = 1 << 25
@@ -29,67 +26,6 @@ class SequenceScores:
     topk_ids: np.ndarray  # (n, k) int64
     topk_logprobs: np.ndarray  # (n, k) float32
     gold_logprobs: np.ndarray  # (n,) float32
-
-
-def _accepts_logits_to_keep(model: Any) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def _head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """The causal-LM head on final hidden states (N, H) -> (N, V), with the output transforms some
-    architectures apply after it (Cohere's logit_scale, Granite's logits_scaling, Gemma's softcap)."""
-    head = model.get_output_embeddings()
-    logits = head(hidden.to(head.weight.device))
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(cfg, "logit_scale", None):
-        logits = logits * cfg.logit_scale
-    if getattr(cfg, "logits_scaling", None):
-        logits = logits / cfg.logits_scaling
-    if getattr(cfg, "final_logit_softcapping", None):
-        logits = torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
-    return logits
-
-
-def _final_hidden(model: Any, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor | None:
-    """(B, T, H) final hidden states from the model's decoder, or None if it has no separable one."""
-    try:
-        decoder = model.get_decoder()
-        if decoder is None or decoder is model or model.get_output_embeddings() is None:
-            return None
-        return decoder(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-    except Exception:  # noqa: BLE001 - any surprise in an architecture means: use the generic path
-        return None
-
-
-def _hidden_path_ok(model: Any, ids: torch.Tensor, attn: torch.Tensor, hidden: torch.Tensor | None,
-                    rows: np.ndarray) -> bool:
-    """Does the LM head on the decoder's hidden states give the model's own logits? Checked once per
-    model on up to 16 scored rows of the first sequence (one extra forward over its prefix)."""
-    cached = model.__dict__.get("_pivotfuse_hidden_path")
-    if cached is not None:
-        return cached
-    ok = False
-    if hidden is not None:
-        try:
-            pos = torch.as_tensor(rows[:16], device=ids.device)
-            prefix = int(pos.max()) + 1
-            if _accepts_logits_to_keep(model):
-                ref = model(input_ids=ids[:1, :prefix], attention_mask=attn[:1, :prefix], use_cache=False,
-                            logits_to_keep=pos).logits[0]
-            else:
-                ref = model(input_ids=ids[:1, :prefix], attention_mask=attn[:1, :prefix], use_cache=False).logits[0, pos]
-            fast = _head_logits(model, hidden[0, pos.to(hidden.device)]).float()
-            ref = ref.float().to(fast.device)
-            rtol = 1e-4 if hidden.dtype == torch.float32 else 2e-2
-            tol = rtol * (1 + float(ref.nan_to_num().abs().max()))
-            ok = bool(torch.isclose(fast, ref, rtol=0, atol=tol, equal_nan=True).all())
-        except Exception:  # noqa: BLE001
-            ok = False
-    if not ok:
-        log.warning("%s: logits of scored rows only are not available; computing all logits (slower, more memory)",
-                    type(model).__name__)
-    model._pivotfuse_hidden_path = ok
-    return ok
 
 
 @torch.inference_mode()
@@ -114,14 +50,14 @@ def score_batch(model: Any, sequences: list[list[int]], gold_positions: list[np.
     rows_b = np.concatenate([np.full(len(p), b) for b, p in enumerate(gold_positions)])  # (N,)
     rows_t = np.concatenate([np.asarray(p) - 1 for p in gold_positions])  # (N,) positions whose logits score
     gold = np.concatenate([np.asarray(s)[np.asarray(p)] for s, p in zip(sequences, gold_positions)])  # (N,)
-    hidden = _final_hidden(model, ids, attn) if model.__dict__.get("_pivotfuse_hidden_path") is not False else None
-    if _hidden_path_ok(model, ids, attn, hidden, np.asarray(gold_positions[0]) - 1):
+    hidden = final_hidden(model, ids, attn) if not head_path_known_bad(model) else None
+    if head_path_ok(model, ids, attn, hidden, np.asarray(gold_positions[0]) - 1):
         hidden = hidden[torch.as_tensor(rows_b, device=hidden.device), torch.as_tensor(rows_t, device=hidden.device)]
-        rows_of = lambda lo, hi: _head_logits(model, hidden[lo:hi])  # noqa: E731  (C, V)
+        rows_of = lambda lo, hi: head_logits(model, hidden[lo:hi])  # noqa: E731  (C, V)
     else:
         keep = np.unique(rows_t)  # (P,) positions needed by any sequence
         kwargs: dict[str, Any] = {}
-        if _accepts_logits_to_keep(model) and len(keep) < T:
+        if accepts_logits_to_keep(model) and len(keep) < T:
             kwargs["logits_to_keep"] = torch.as_tensor(keep, device=device)
             cols = np.searchsorted(keep, rows_t)
         else:

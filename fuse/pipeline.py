@@ -26,6 +26,7 @@ from core.config import to_dict
 from core.errors import PivotfuseError
 from core.files import need, read_json
 from core.fingerprint import json_sha
+from core.loading import load_tokenizer
 from core.recipe import CLM_NAME, ModelSpec, Recipe
 from fuse.config import FuseConfig
 
@@ -79,12 +80,11 @@ def _build_rows(pivot_store, source_store, pivot_path: str, source_path: str | N
     import datasets
     from tqdm.auto import tqdm
 
-    from fuse.extract import load_tokenizer
     from fuse.project import PivotProjector
     from fuse.surface import TokenText
     from fuse.targets import FusionStats, SpanTranslator, fusion_rows, store_lookup
 
-    tok = load_tokenizer(pivot_path)
+    tok = load_tokenizer(pivot_path, model=True, fast=True)
     stats = FusionStats()
     features = datasets.Features({
         "id": datasets.Value("string"), "domain": datasets.Value("string"),
@@ -95,7 +95,7 @@ def _build_rows(pivot_store, source_store, pivot_path: str, source_path: str | N
     lookup = store_lookup(source_store) if source_store is not None else None
     span = None
     if source_store is not None and cfg.translate == "span":
-        span = SpanTranslator(PivotProjector(tok), TokenText(load_tokenizer(source_path)), eos)
+        span = SpanTranslator(PivotProjector(tok), TokenText(load_tokenizer(source_path, model=True, fast=True)), eos)
     rows = fusion_rows(pivot_store, lookup, tok, vocab_map, cfg.method, cfg.top_k, cfg.fallback, eos, stats, span)
     for row in tqdm(rows, total=len(pivot_store), desc="fuse targets", unit="conv"):
         chunk.append(row)
@@ -121,9 +121,8 @@ def _reset_work(work: Path, fingerprint: str, is_main: bool) -> None:
 def _eos(path: str) -> list[str]:
     """The tokens that end an assistant turn under this model's template (as core.chat finds them)."""
     from core.chat import end_of_turn_tokens
-    from fuse.extract import load_tokenizer
 
-    return end_of_turn_tokens(load_tokenizer(path))
+    return end_of_turn_tokens(load_tokenizer(path, model=True, fast=True))
 
 
 def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int = 256) -> Path:

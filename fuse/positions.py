@@ -28,6 +28,8 @@ from typing import Sequence
 
 import numpy as np
 
+from core.chat import reply_end
+
 END = -1  # reply-relative key of the end-of-turn token
 Enders = str | Sequence[str] | None  # the end-of-turn token(s) of a template (core.chat.end_of_turn_tokens)
 
@@ -41,12 +43,7 @@ def content_ranges(text: str, assistant_spans: np.ndarray, eos: Enders) -> np.nd
     """(m, 2) reply text of each assistant span: without its end-of-turn token (any of `eos`)
     and trailing whitespace, so the same characters under every template."""
     enders = _enders(eos)
-    out = []
-    for s, e in np.asarray(assistant_spans, dtype=np.int64).reshape(-1, 2).tolist():
-        hit = next((t for t in enders if text.endswith(t, s, e)), None)
-        if hit:
-            e -= len(hit)
-        out.append((s, s + len(text[s:e].rstrip())))
+    out = [(s, reply_end(text, s, e, enders)) for s, e in np.asarray(assistant_spans, dtype=np.int64).reshape(-1, 2).tolist()]
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 

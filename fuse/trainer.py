@@ -17,7 +17,6 @@ projection and its fp32 copy are (N, V) for N assistant tokens, not (B, L, V).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,8 @@ from trl import SFTConfig, SFTTrainer
 
 from core.atomic import publish_folder, write_text
 from core.files import read_json
+from core.logits import accepts_logits_mask
+from core.loading import copy_tokenizer_files, load_causal_lm, load_tokenizer, stored_dtype
 from fuse.config import FuseConfig
 from fuse.loss import IGNORE_INDEX, fusion_loss
 
@@ -73,24 +74,6 @@ class FusionCollator:
             t_lp[b, where, : lp.shape[1]] = lp
         return {"input_ids": input_ids, "attention_mask": attention, "labels": labels,
                 "target_ids": t_ids, "target_logprobs": t_lp}
-
-
-def accepts_logits_mask(model: torch.nn.Module) -> bool:
-    """Does the model's forward take `logits_to_keep` as a boolean (B, L) mask? Models of recent
-    transformers 5 releases slice with `slice_logits_to_keep`, which does; older ones index
-    `hidden_states[:, logits_to_keep, :]`, which takes only an int or 1-D positions (then the
-    step projects every position and keeps the scored ones, as before)."""
-    base = model
-    for attr in ("module", "base_model", "model", None):  # DDP / PEFT wrappers
-        forward = type(base).forward
-        if "logits_to_keep" in inspect.signature(forward).parameters:
-            try:
-                return "slice_logits_to_keep" in inspect.getsource(forward)
-            except (OSError, TypeError):  # no source (compiled, frozen): do not assume
-                return False
-        if attr is not None:
-            base = getattr(base, attr, base)
-    return False
 
 
 def fusion_step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], lam: float, temperature: float,
@@ -145,7 +128,7 @@ class FuseTrainer(SFTTrainer):
 
 
 # Recent transformers 5 releases renamed gradient_checkpointing; earlier 5.x know only the old name.
-_CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in {f.name for f in dataclasses.fields(SFTConfig)}
                   else "gradient_checkpointing")
 
 
@@ -166,8 +149,8 @@ def training_args(cfg: FuseConfig, output_dir: str, on_gpu: bool, bf16_ok: bool)
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         bf16=bf16,
-        **{_CHECKPOINTING: checkpointing,
-           _CHECKPOINTING + "_kwargs": {"use_reentrant": False} if checkpointing else None},
+        **{CHECKPOINTING: checkpointing,
+           CHECKPOINTING + "_kwargs": {"use_reentrant": False} if checkpointing else None},
         seed=cfg.seed,
         data_seed=cfg.seed,
         save_strategy="steps",
@@ -188,29 +171,7 @@ def training_args(cfg: FuseConfig, output_dir: str, on_gpu: bool, bf16_ok: bool)
     )
 
 
-def _pivot_dtype(pivot_dir: str) -> torch.dtype:
-    """The dtype the pivot is stored in (config `dtype`/`torch_dtype`), float32 when unknown."""
-    from transformers import AutoConfig
-
-    conf = AutoConfig.from_pretrained(pivot_dir)
-    dt = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None)
-    if isinstance(dt, str):
-        dt = getattr(torch, dt, None)
-    return dt if isinstance(dt, torch.dtype) else torch.float32
-
-
-def _copy_tokenizer_files(src: Path, dst: Path) -> None:
-    """Copy the pivot's tokenizer and chat-template files byte for byte (not re-serialised)."""
-    import shutil
-
-    skip = {"config.json", "generation_config.json", "README.md", "training_args.bin"}
-    for f in src.iterdir():
-        if f.is_file() and f.name not in skip and not f.name.startswith("model") and \
-                f.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".gguf"):
-            shutil.copy2(f, dst / f.name)
-
-
-def _last_complete_checkpoint(ckpt_dir: Path, is_main: bool) -> str | None:
+def last_complete_checkpoint(ckpt_dir: Path, is_main: bool) -> str | None:
     """The newest checkpoint that was written to the end, or None.
 
     Trainer writes `checkpoint-N` in place and `trainer_state.json` last, so a run killed while
@@ -242,7 +203,7 @@ def _evaluate(trainer: FuseTrainer, dataset: Any) -> dict[str, float]:
             "target_coverage": n_t / n, "tokens": int(n)}
 
 
-def _merge_lora(model: Any, pivot_dir: str, load_dtype: torch.dtype, save_dtype: torch.dtype, work: Path) -> Any:
+def merge_lora(model: Any, pivot_dir: str, load_dtype: torch.dtype, save_dtype: torch.dtype, work: Path) -> Any:
     """The pivot with the LoRA adapters merged in. When the frozen base was trained in a lower
     precision than the target is saved in (a bf16 base under a float32 pivot), the adapters are
     merged into a fresh load of the pivot at `save_dtype`: the frozen weights stay exactly the
@@ -250,11 +211,10 @@ def _merge_lora(model: Any, pivot_dir: str, load_dtype: torch.dtype, save_dtype:
     if torch.finfo(load_dtype).bits >= torch.finfo(save_dtype).bits:
         return model.merge_and_unload()
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     adapter = work / "adapter"
     model.save_pretrained(str(adapter))  # adapters only (kept in float32 by PEFT)
-    base = AutoModelForCausalLM.from_pretrained(pivot_dir, dtype=save_dtype)
+    base = load_causal_lm(pivot_dir, dtype=save_dtype)
     return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
@@ -271,7 +231,6 @@ def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, wo
     import shutil
 
     from accelerate import PartialState
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     state = PartialState()
     on_gpu = state.device.type == "cuda"
@@ -279,14 +238,14 @@ def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, wo
     work = Path(work_dir)
     ckpt_dir = work / "checkpoints"
     args = training_args(cfg, str(ckpt_dir), on_gpu, bf16_ok)
-    save_dtype = _pivot_dtype(pivot_dir) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    save_dtype = stored_dtype(pivot_dir) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     # Full fine-tuning keeps fp32 master weights (bf16 runs under autocast); a LoRA base is frozen,
     # so it can stay in bf16.
     load_dtype = torch.bfloat16 if (cfg.lora and args.bf16) else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(pivot_dir, dtype=load_dtype)
+    model = load_causal_lm(pivot_dir, dtype=load_dtype)
     # SFTTrainer writes the pad token and use_cache into the config: the target keeps the pivot's.
     saved_config = (model.config.pad_token_id, model.config.use_cache, model.generation_config.pad_token_id)
-    tokenizer = AutoTokenizer.from_pretrained(pivot_dir)
+    tokenizer = load_tokenizer(pivot_dir)
     if tokenizer.pad_token is None:  # padding is masked out; any id will do
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     peft_config = None
@@ -301,7 +260,7 @@ def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, wo
                           lam=cfg.lam, temperature=cfg.temperature)
     eval_dataset = eval_dataset if eval_dataset is not None else dataset
     before_file = work / "loss_before.json"
-    last = _last_complete_checkpoint(ckpt_dir, state.is_main_process)
+    last = last_complete_checkpoint(ckpt_dir, state.is_main_process)
     if before_file.is_file():
         before = read_json(before_file)
     else:  # measured once, on the untouched pivot (a resumed run reuses it)
@@ -320,14 +279,14 @@ def train_target(cfg: FuseConfig, pivot_dir: str, dataset: Any, out_dir: str, wo
             shutil.rmtree(tmp)
         final = trainer.accelerator.unwrap_model(trainer.model)
         if hasattr(final, "merge_and_unload"):  # LoRA: fold the adapters into the weights
-            final = _merge_lora(final, pivot_dir, load_dtype, save_dtype, work)
+            final = merge_lora(final, pivot_dir, load_dtype, save_dtype, work)
         final.config.pad_token_id, final.config.use_cache, final.generation_config.pad_token_id = saved_config
         final.to(save_dtype).save_pretrained(str(tmp), safe_serialization=True)
     result = {"loss_before": before, "loss_after": after, "steps": trainer.state.global_step,
               "resumed_from": last, "log_history": trainer.state.log_history}
     if state.is_main_process:
         (tmp / "training_args.bin").unlink(missing_ok=True)
-        _copy_tokenizer_files(Path(pivot_dir), tmp)
+        copy_tokenizer_files(Path(pivot_dir), tmp)
         if write_extra is not None:
             write_extra(tmp, result)
         publish_folder(tmp, out)

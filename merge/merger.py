@@ -8,7 +8,6 @@ base's config/tokenizer files and a model card. `merge_models` is the entry poin
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import shutil
@@ -20,8 +19,9 @@ from tqdm.auto import tqdm
 
 from core.atomic import publish_folder, write_text
 from core.errors import PivotfuseError
+from core.fingerprint import file_stamp, json_sha
 from core.files import is_number_list, need, read_json, read_jsonl_resumable
-from core.paths import refuse_file_as_folder
+from core.loading import refuse_file_as_folder
 from merge import card, methods
 from merge.config import MergeConfig, parse_size
 from merge.io import SafetensorsReader, ShardedWriter, copy_aux_files
@@ -94,13 +94,8 @@ def plan_merge(base: SafetensorsReader, models: list[SafetensorsReader], dtype: 
 
 def _fingerprint(base: SafetensorsReader, models: list[SafetensorsReader], config: MergeConfig) -> str:
     """Same inputs (paths, sizes, mtimes) and options -> same partial output, safe to resume."""
-    files = []
-    for r in [base, *models]:
-        for f in sorted({i.file for i in r.infos.values()}):
-            st = f.stat()
-            files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"v": 1, "config": dataclasses.asdict(config), "files": files}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    files = [file_stamp(f, str(f.resolve())) for r in [base, *models] for f in sorted({i.file for i in r.infos.values()})]
+    return json_sha({"v": 1, "config": dataclasses.asdict(config), "files": files})
 
 
 def _check_paths(base: Path, models: list[Path], out: Path, overwrite: bool) -> None:

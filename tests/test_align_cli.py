@@ -140,7 +140,7 @@ def test_world_tokenizers(world, tmp_path):
     from core.chat import load_conversations, render_chat, tokenize_chat
     from fuse.align import align_tokens
     from fuse.align_cli import AlignConfig, build_map
-    from fuse.chat_align import ChatTokens, _content_end
+    from fuse.chat_align import ChatTokens, content_end
     from fuse.vocab import VocabMapBuilder
     from test_align import naive_cost
 
@@ -159,7 +159,7 @@ def test_world_tokenizers(world, tmp_path):
             for (ps, pe), (ss, se) in zip(views[0].assistant_spans, views[1].assistant_spans):
                 texts = []
                 for view, tt, (s0, e0) in ((views[0], pivot, (ps, pe)), (views[1], source, (ss, se))):
-                    end = _content_end(view.text, s0, e0, tt.tokenizer.eos_token)
+                    end = content_end(view.text, s0, e0, tt.tokenizer.eos_token)
                     reply = view.text[s0:end]
                     enc = tt.tokenizer(reply, add_special_tokens=False, return_offsets_mapping=True)
                     texts.append((tt.in_context(enc["input_ids"], enc["offset_mapping"], reply), enc["offset_mapping"]))
