@@ -1,7 +1,7 @@
 """The recipe: one YAML file that describes a whole fusion, loaded into typed sections.
 
 Each section's dataclass lives with the package that uses it (`world.config`,
-`fuse.config`, `merge.config`, `evals.config`); this module only composes them, resolves
+`fuse.train.config`, `merge.config`, `evals.config`); this module only composes them, resolves
 `world:NAME` references and checks that files exist.
 """
 
@@ -14,9 +14,9 @@ from core.config import field, from_dict, load_yaml, apply_overrides
 from core.errors import PivotfuseError
 from world.config import WorldConfig
 from merge.config import MergeSpec
-from fuse.extract import ExtractConfig
-from fuse.config import FuseConfig
-from fuse.align_cli import AlignConfig
+from fuse.extract.config import ExtractConfig
+from fuse.train.config import FuseConfig
+from fuse.align.build import AlignConfig
 from evals.config import EvalConfig
 
 

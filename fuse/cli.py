@@ -19,7 +19,7 @@ from core.config import add_arguments as add_config_arguments
 from core.config import apply_overrides, from_args, from_dict, load_yaml, to_dict
 from core.errors import PivotfuseError
 from core.loading import refuse_file_as_folder
-from fuse.config import FuseConfig
+from fuse.train.config import FuseConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

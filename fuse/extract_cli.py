@@ -16,14 +16,14 @@ from core.config import add_arguments as add_config_arguments
 from core.config import from_args, to_dict
 from core.errors import PivotfuseError
 from core.loading import refuse_file_as_folder
-from fuse.extract import ExtractConfig
+from fuse.extract.config import ExtractJob
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", help="recipe YAML: its `extract:` section gives defaults; --model may then name "
                                          "one of its models (pivot or a source), --data/--out default to the "
                                          "fusion corpus and OUT/extract/NAME")
-    add_config_arguments(parser, ExtractConfig)
+    add_config_arguments(parser, ExtractJob)
 
 
 def _from_recipe(args: argparse.Namespace) -> dict:
@@ -51,10 +51,10 @@ def _from_recipe(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fuse.extract import extract
+    from fuse.extract.extract import extract
 
     base = _from_recipe(args) if args.recipe else {}
-    cfg = from_args(ExtractConfig, args, base)
+    cfg = from_args(ExtractJob, args, base)
     stats = extract(cfg)
     if stats:
         tokens = max(stats["scored_tokens"], 1)

@@ -21,90 +21,40 @@ from typing import Any
 
 import yaml
 
-from core.atomic import publish_folder, write_text
+from core.atomic import write_text
 from core.config import to_dict
 from core.errors import PivotfuseError
-from core.files import need, read_json
+from core.files import read_json
 from core.fingerprint import json_sha
 from core.loading import load_tokenizer
 from core.recipe import CLM_NAME, ModelSpec, Recipe
-from fuse.config import FuseConfig
 
 CLM = CLM_NAME  # one name for the baseline across fuse, run and the recipe checks
-ROWS_VERSION = 3  # bump when the training rows change meaning
 
 
 def _store(recipe: Recipe, spec: ModelSpec, data: str):
     """Extract (or reuse, or resume) the logit store of one model over the fusion corpus."""
-    from fuse.extract import extract
-    from fuse.store import LogitStore
+    from fuse.extract.config import ExtractJob
+    from fuse.extract.extract import extract
+    from fuse.extract.store import LogitStore
 
-    cfg = dataclasses.replace(recipe.extract, model=recipe.world_path(spec.path), data=data,
-                              out=str(Path(recipe.out) / "extract" / spec.name),
-                              chat_template=spec.chat_template or recipe.extract.chat_template)
+    cfg = ExtractJob.of(recipe.extract, model=recipe.world_path(spec.path), data=data,
+                        out=str(Path(recipe.out) / "extract" / spec.name),
+                        chat_template=spec.chat_template or recipe.extract.chat_template)
     extract(cfg)  # collective under accelerate; a complete store with the same fingerprint is kept
     return LogitStore(cfg.out)
 
 
-def _vocab_map(recipe: Recipe, pivot: ModelSpec, source: ModelSpec, data: str):
-    """Source id → pivot id (−1 = unmapped), built over the fusion corpus by `fuse.vocab` with the
-    recipe's `align:` settings (they are in the map's fingerprint: a changed one rebuilds it)."""
-    from fuse.vocab import vocab_map_for
+def _vocab_map(recipe: Recipe, pivot: ModelSpec, source: ModelSpec, data: str) -> tuple[Any, dict]:
+    """Source id → pivot id (−1 = unmapped) and the map's statistics + fingerprint + path, built over
+    the fusion corpus in `OUT/align/SOURCE/vocab_map.json` with the recipe's `align:` settings (they
+    are in the map's fingerprint: a changed one rebuilds it)."""
+    from fuse.align.build import build_map
 
-    return vocab_map_for(recipe.world_path(pivot.path), recipe.world_path(source.path), data,
-                         Path(recipe.out) / "align" / source.name, pivot_template=pivot.chat_template,
-                         source_template=source.chat_template, config=recipe.align)
-
-
-def _rows(work: Path, fingerprint: str, build) -> Any:
-    """The training rows, cached in `work/rows` under their fingerprint (built by the main process)."""
-    import datasets
-
-    folder = work / "rows"
-    meta = folder / "pivotfuse_rows.json"
-    saved = read_json(meta) if meta.is_file() else {}
-    if saved.get("fingerprint") == fingerprint:
-        return datasets.load_from_disk(str(folder)), need(saved, "stats", lambda v: isinstance(v, dict), "a mapping",
-                                                          str(meta))
-    ds, stats = build()
-    tmp = work / "rows.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp))
-    (tmp / "pivotfuse_rows.json").write_text(json.dumps({"fingerprint": fingerprint, "stats": stats}, indent=1))
-    publish_folder(tmp, folder)
-    return datasets.load_from_disk(str(folder)), stats
-
-
-def _build_rows(pivot_store, source_store, pivot_path: str, source_path: str | None, vocab_map, cfg: FuseConfig,
-                eos: tuple):
-    import datasets
-    from tqdm.auto import tqdm
-
-    from fuse.project import PivotProjector
-    from fuse.surface import TokenText
-    from fuse.targets import FusionStats, SpanTranslator, fusion_rows, store_lookup
-
-    tok = load_tokenizer(pivot_path, model=True, fast=True)
-    stats = FusionStats()
-    features = datasets.Features({
-        "id": datasets.Value("string"), "domain": datasets.Value("string"),
-        "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
-        "target_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
-        "target_logprobs": datasets.Sequence(datasets.Sequence(datasets.Value("float16")))})
-    chunks, chunk = [], []
-    lookup = store_lookup(source_store) if source_store is not None else None
-    span = None
-    if source_store is not None and cfg.translate == "span":
-        span = SpanTranslator(PivotProjector(tok), TokenText(load_tokenizer(source_path, model=True, fast=True)), eos)
-    rows = fusion_rows(pivot_store, lookup, tok, vocab_map, cfg.method, cfg.top_k, cfg.fallback, eos, stats, span)
-    for row in tqdm(rows, total=len(pivot_store), desc="fuse targets", unit="conv"):
-        chunk.append(row)
-        if len(chunk) == 1024:  # bounded memory: a chunk of rows at a time
-            chunks.append(datasets.Dataset.from_list(chunk, features=features))
-            chunk = []
-    if chunk or not chunks:
-        chunks.append(datasets.Dataset.from_list(chunk, features=features))
-    return datasets.concatenate_datasets(chunks), stats.as_dict()
+    out = Path(recipe.out) / "align" / source.name / "vocab_map.json"
+    vmap = build_map(recipe.world_path(pivot.path), recipe.world_path(source.path), data, out, recipe.align,
+                     pivot_template=pivot.chat_template, source_template=source.chat_template)
+    return vmap.mapping, {**vmap.stats, "fingerprint": vmap.fingerprint, "path": str(out)}
 
 
 def _reset_work(work: Path, fingerprint: str, is_main: bool) -> None:
@@ -133,7 +83,8 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     import torch
     from accelerate import PartialState
 
-    from fuse.trainer import train_target
+    from fuse.targets.rows import ROWS_VERSION, build_rows, cached_rows
+    from fuse.train.trainer import train_target
 
     state = PartialState(cpu=torch.accelerator.current_accelerator() is None)
     cfg = recipe.fuse
@@ -175,8 +126,9 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     eos = (_eos(pivot_path), _eos(recipe.world_path(source.path)) if s_store is not None else None)
     source_path = recipe.world_path(source.path) if source else None
     with state.main_process_first():
-        ds, fuse_stats = _rows(work, rows_fp,
-                               lambda: _build_rows(p_store, s_store, pivot_path, source_path, vmap, cfg, eos))
+        ds, fuse_stats = cached_rows(work, rows_fp, lambda: build_rows(
+            p_store, s_store, pivot_path, source_path, vmap, method=cfg.method, k=cfg.top_k, fallback=cfg.fallback,
+            translate=cfg.translate, eos=eos))
     train = ds.remove_columns(["id", "domain"])
     sample = train.select(range(min(report_samples, len(train))))
 

@@ -2,7 +2,7 @@
 
 Each takes a model folder, the rows `implicit.pairs` wrote (a JSONL path or a list of dicts) and an
 output folder, and trains with the device, dtype, LoRA and checkpointing choices of the fusion
-trainer (`fuse.trainer`): bf16 and gradient checkpointing by default on a GPU, fp32 master weights
+trainer (`fuse.train.trainer`): bf16 and gradient checkpointing by default on a GPU, fp32 master weights
 for full fine-tuning, LoRA adapters merged into a full-precision load of the input model, resume from
 the last complete checkpoint under `work/checkpoints`, `accelerate launch` for data parallelism (CPU
 too, over gloo). The output folder is written under a temporary name and renamed when complete; it
@@ -29,7 +29,7 @@ from core.atomic import publish_folder, write_text
 from core.files import read_json, read_jsonl
 from core.errors import PivotfuseError
 from core.loading import copy_tokenizer_files, load_causal_lm, load_tokenizer, read_chat_template, stored_dtype
-from fuse.trainer import CHECKPOINTING, last_complete_checkpoint, merge_lora
+from fuse.train.trainer import CHECKPOINTING, last_complete_checkpoint, merge_lora
 from implicit.config import DPOTrainConfig, SFTTrainConfig, TrainConfig, WRPOTrainConfig
 
 SFT_COLUMNS = ("prompt", "completion")

@@ -323,7 +323,7 @@ def _manifest(**change) -> dict:
     (json.dumps(_manifest(complete=True, stats={"rows": 4})).encode(), ": missing field 'stats.stored'"),
 ])
 def test_bad_store_manifest_is_refused(tmp_path, data, message):
-    from fuse.store import LogitStore
+    from fuse.extract.store import LogitStore
 
     (tmp_path / "manifest.json").write_bytes(data)
     with pytest.raises(PivotfuseError) as e:
@@ -341,7 +341,7 @@ def test_bad_store_manifest_through_extract(world, tmp_path, capsys):
 
 
 def test_bad_shard_statistics_are_refused(tmp_path):
-    from fuse.store import StoreWriter
+    from fuse.extract.store import StoreWriter
 
     writer = StoreWriter.open(tmp_path, {"model": "x"}, top_k=2, n_rows=1, shard_size=1,
                               dtypes={"ids": "uint16", "spans": "uint16"}, info={}, is_main=True)
@@ -352,7 +352,7 @@ def test_bad_shard_statistics_are_refused(tmp_path):
 
 
 def test_bad_vocab_map_is_refused(tmp_path):
-    from fuse.vocab import VocabMap
+    from fuse.align.vocab import VocabMap
 
     good = {"format": "pivotfuse-vocab-map", "version": 1, "fingerprint": "f", "pivot": {"vocab_size": 3},
             "source": {}, "stats": {}, "map": [0, -1], "how": "x-", "evidence": []}
@@ -478,7 +478,7 @@ def test_bad_steps_file_is_refused(tmp_path, capsys, data, message):
 
 
 def test_damaged_alignment_checkpoint_is_refused(tokenizer_dirs, tmp_path, monkeypatch, capsys):
-    import fuse.chat_align as chat_align
+    import fuse.align.chat as chat_align
     from test_align_cli import write_chats
     from test_align_vocab import CHATML, INST
 

@@ -22,8 +22,9 @@ from safetensors.torch import load_file, save_file
 
 from asset_paths import need_asset
 from core.errors import PivotfuseError
-from fuse.extract import ExtractConfig, extract
-from fuse.store import LogitStore, TeacherRecord
+from fuse.extract.config import ExtractJob
+from fuse.extract.extract import extract
+from fuse.extract.store import LogitStore, TeacherRecord
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_LEN = 96
@@ -80,7 +81,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     models = {k: _build(k, root / k) for k in ("llama", "qwen")}
     stores = {}
     for kind, path in models.items():
-        cfg = ExtractConfig(model=str(path), data=str(data), out=str(root / f"store-{kind}"), top_k=5,
+        cfg = ExtractJob(model=str(path), data=str(data), out=str(root / f"store-{kind}"), top_k=5,
                             batch_size=3, max_length=MAX_LEN, shard_size=4, dtype="float32")  # vs a float32 reference
         stores[kind] = (cfg, extract(cfg))
     return {"root": root, "data": data, "models": models, "stores": stores}
@@ -204,7 +205,7 @@ def _shard_bytes(out: str) -> dict[str, bytes]:
 
 def test_kill_and_resume_gives_the_same_store(built: dict, tmp_path: Path) -> None:
     ref_cfg = built["stores"]["llama"][0]
-    cfg = ExtractConfig(**{**ref_cfg.__dict__, "out": str(tmp_path / "store")})
+    cfg = ExtractJob(**{**ref_cfg.__dict__, "out": str(tmp_path / "store")})
     done: list[int] = []
 
     def killed_after_one(shard: int) -> None:
@@ -227,18 +228,18 @@ def test_kill_and_resume_gives_the_same_store(built: dict, tmp_path: Path) -> No
 def test_fingerprint_mismatch_is_refused(built: dict, tmp_path: Path) -> None:
     cfg = built["stores"]["llama"][0]
     with pytest.raises(PivotfuseError, match="different settings"):
-        extract(ExtractConfig(**{**cfg.__dict__, "top_k": 3}))
+        extract(ExtractJob(**{**cfg.__dict__, "top_k": 3}))
     other = tmp_path / "other.jsonl"
     other.write_text(json.dumps(_rows()[1]) + "\n")
     with pytest.raises(PivotfuseError, match="different data"):
-        extract(ExtractConfig(**{**cfg.__dict__, "data": str(other)}))
+        extract(ExtractJob(**{**cfg.__dict__, "data": str(other)}))
     retrained = tmp_path / "retrained"  # same config and file sizes, other weights
     shutil.copytree(cfg.model, retrained)
     weights = load_file(retrained / "model.safetensors")
     weights["lm_head.weight"][0, 0] += 1.0
     save_file(weights, retrained / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(PivotfuseError, match="different model "):
-        extract(ExtractConfig(**{**cfg.__dict__, "model": str(retrained)}))
+        extract(ExtractJob(**{**cfg.__dict__, "model": str(retrained)}))
 
 
 def _cli_error(capsys: pytest.CaptureFixture, *argv: str) -> str:
@@ -426,7 +427,7 @@ def test_two_processes_give_the_same_store(built: dict, tmp_path: Path) -> None:
     assert "process 0/2 scores shards [0, 2]" in proc.stderr and "process 1/2 scores shards [1]" in proc.stderr
     one = tmp_path / "one"
     with torch_threads(1):  # one process, the same kernels
-        extract(ExtractConfig(**{**cfg.__dict__, "out": str(one)}))
+        extract(ExtractJob(**{**cfg.__dict__, "out": str(one)}))
     assert _shard_bytes(str(out)) == _shard_bytes(str(one))
     assert json.loads((one / "manifest.json").read_text()) == json.loads((out / "manifest.json").read_text())
     # the module's store used torch's default thread count (all cores): equal up to rounding
@@ -441,7 +442,7 @@ def test_world_models(world: Path, tmp_path: Path) -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     chars = {}
     for name in ("pivot", "arith", "facts", "strings"):
-        cfg = ExtractConfig(model=str(world / "models" / name), data=str(data), out=str(tmp_path / name),
+        cfg = ExtractJob(model=str(world / "models" / name), data=str(data), out=str(tmp_path / name),
                             batch_size=4, max_length=512, dtype="float32")  # the reference is float32
         stats = extract(cfg)
         store = LogitStore(cfg.out)
@@ -454,20 +455,20 @@ def test_world_models(world: Path, tmp_path: Path) -> None:
 
 def test_top_k_above_the_vocabulary_is_refused_before_loading_weights(built: dict, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import fuse.extract
+    import fuse.extract.extract
 
     def no_load(*args: object) -> None:
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr(fuse.extract, "load_model", no_load)
-    cfg = ExtractConfig(**{**built["stores"]["llama"][0].__dict__, "out": str(tmp_path / "store"), "top_k": 32001})
+    monkeypatch.setattr(fuse.extract.extract, "load_model", no_load)
+    cfg = ExtractJob(**{**built["stores"]["llama"][0].__dict__, "out": str(tmp_path / "store"), "top_k": 32001})
     with pytest.raises(PivotfuseError, match=r"top_k: 32001 exceeds the vocabulary size 32000 of .*llama \(config"):
         extract(cfg)
     assert not (tmp_path / "store").exists()  # nothing written: the corrected rerun starts clean
     for bad, message in (({"batch_size": 0}, "batch_size: must be > 0"), ({"max_length": 1}, "max_length: must be >= 2"),
                          ({"dtype": "int8"}, "dtype: must be one of")):  # Python callers get the CLI's checks
         with pytest.raises(PivotfuseError, match=message):
-            extract(ExtractConfig(**{**cfg.__dict__, "top_k": 5, **bad}))
+            extract(ExtractJob(**{**cfg.__dict__, "top_k": 5, **bad}))
     assert not (tmp_path / "store").exists()
 
 
@@ -480,11 +481,11 @@ def test_a_failed_first_shard_does_not_block_the_corrected_rerun(built: dict, tm
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "store"
     with pytest.raises(PivotfuseError, match="NaN/inf logits"):
-        extract(ExtractConfig(**{**ref_cfg.__dict__, "model": str(broken), "out": str(out)}))
+        extract(ExtractJob(**{**ref_cfg.__dict__, "model": str(broken), "out": str(out)}))
     assert (out / "manifest.json").is_file() and not list((out / "shards").glob("*.arrow"))
     (out / "shards/00000.json").write_text("{}")  # as if killed between a shard's stats and its data
     (out / "shards/00000.arrow.tmp").write_bytes(b"half a shard")
-    stats = extract(ExtractConfig(**{**ref_cfg.__dict__, "out": str(out)}))  # the fixed model, same --out
+    stats = extract(ExtractJob(**{**ref_cfg.__dict__, "out": str(out)}))  # the fixed model, same --out
     assert stats == built["stores"]["llama"][1] and _shard_bytes(str(out)) == _shard_bytes(ref_cfg.out)
     assert json.loads((out / "manifest.json").read_text()) == json.loads(Path(ref_cfg.out, "manifest.json").read_text())
     # a store with a finished shard holds work: another fingerprint is still refused, the shard kept
@@ -494,9 +495,9 @@ def test_a_failed_first_shard_does_not_block_the_corrected_rerun(built: dict, tm
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        extract(ExtractConfig(**{**ref_cfg.__dict__, "out": str(part)}), on_shard=stop)
+        extract(ExtractJob(**{**ref_cfg.__dict__, "out": str(part)}), on_shard=stop)
     with pytest.raises(PivotfuseError, match="different settings"):
-        extract(ExtractConfig(**{**ref_cfg.__dict__, "out": str(part), "top_k": 3}))
+        extract(ExtractJob(**{**ref_cfg.__dict__, "out": str(part), "top_k": 3}))
     assert (part / "shards/00000.arrow").is_file()
 
 

@@ -3,7 +3,7 @@
 Each model renders the chat with its own template, so the two texts differ: only the assistant
 replies are shared. Reply r of the pivot (its r-th assistant span, `core.chat`) and reply r of the
 source hold the same content string; the tokens over that content are aligned with
-`fuse.align.align_tokens`, in reply coordinates. The end-of-turn token that closes reply r
+`fuse.align.mined.align_tokens`, in reply coordinates. The end-of-turn token that closes reply r
 (`<|im_end|>`, `</s>`, ...) is paired with the other model's end-of-turn token when each side has
 exactly one token there. Every other token (template markers, system and user turns) is
 reported unaligned.
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 
 from core.chat import reply_end
-from fuse.align import Alignment, align_tokens
-from fuse.surface import TokenText
+from fuse.align.mined import Alignment, align_tokens
+from fuse.align.surface import TokenText
 
 
 @dataclass

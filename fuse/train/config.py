@@ -9,18 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from core.config import field
-
-METHODS = ("mince", "avgce", "mince_token")
-FALLBACKS = ("pivot", "gold")
+from fuse.targets.fusion import FALLBACKS, METHODS, SUMMARIES
 
 
 @dataclass
 class FuseConfig:
     """Fusion targets, loss and training of one target model per source."""
 
-    method: str = field("mince", choices=METHODS,
-                        help="fusion: mince (per sequence, the lower-CE teacher wins), avgce (mixture weighted by "
-                             "softmax of −CE per character), mince_token (lower-CE teacher per token)")
+    method: str = field("mince", choices=tuple(METHODS),
+                        help="fusion: " + ", ".join(f"{name} ({what})" for name, what in SUMMARIES.items()))
     lam: float = field(0.9, help="λ: weight of CE(gold); the fused-distribution term gets 1−λ (1.0 = pivot-CLM)")
     translate: str = field("span", choices=("span", "vocab"),
                            help="source → pivot distributions: span (follow the source along the gold text and project "

@@ -19,48 +19,21 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from core.chat import Conversation, end_of_turn_tokens, load_conversations, render_chat, tokenize_chat
-from core.config import field
+from core.chat import Conversation, end_of_turn_tokens, load_conversations, render_chat, reply_end, tokenize_chat
 from core.errors import PivotfuseError
 from core.fingerprint import conversations_sha, model_fingerprint, sha256_hex
 from core.loading import chat_template, load_causal_lm, load_tokenizer, refuse_inside, vocab_size
-from fuse.positions import Enders, content_ranges
-from fuse.store import StoreWriter, TeacherRecord, int_type
+from fuse.extract.config import ExtractJob
+from fuse.extract.store import StoreWriter, TeacherRecord, int_type
 
 log = logging.getLogger(__name__)
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-@dataclass
-class ExtractConfig:
-    """Settings of `pivotfuse extract` (the recipe's `extract:` section holds the shared ones)."""
-
-    model: str | None = field(None, help="HF model folder (weights, tokenizer, chat template)")
-    data: str | None = field(None, help="chat corpus: JSONL or a saved datasets folder")
-    out: str | None = field(None, help="store folder to write (rerun the same command to resume)")
-    top_k: int = field(10, help="next-token candidates kept per scored token")
-    batch_size: int = field(8, help="conversations per forward pass (sorted by length to limit padding)")
-    max_length: int = field(2048, help="tokens per conversation; longer ones are truncated and counted")
-    chat_template: str | None = field(None, help="jinja chat-template file (for models whose tokenizer has none)")
-    shard_size: int = field(256, help="conversations per store shard: the unit of resuming and of work per process")
-    dtype: str = field("auto", choices=DTYPES,
-                       help="weights dtype (auto: bfloat16 on a bf16-capable GPU, else float32)")
-
-    def validate(self) -> None:
-        for name in ("top_k", "batch_size", "shard_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0")
-        if self.max_length < 2:
-            raise ValueError("max_length: must be >= 2")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype: must be one of {list(DTYPES)}, got {self.dtype!r}")
-
-
-def resolve_template(tok: Any, cfg: ExtractConfig) -> str:
+def resolve_template(tok: Any, cfg: ExtractJob) -> str:
     """The template the model reads the corpus with: the given file's, else its tokenizer's."""
     return chat_template(tok, cfg.chat_template, f"{cfg.model}: tokenizer")
 
@@ -129,10 +102,11 @@ def _covered(text: str, spans: np.ndarray, within: np.ndarray) -> tuple[int, int
                                    + (codes >= 0x10000).sum())  # UTF-8 length of each code point
 
 
-def to_record(p: _Prepared, scores: Any, eos: Enders) -> TeacherRecord:
+def to_record(p: _Prepared, scores: Any, enders: Sequence[str]) -> TeacherRecord:
     gold_ids = np.asarray(p.ids)[p.gold_pos]
     spans = p.offsets[p.gold_pos]
-    n_chars, n_bytes = _covered(p.text, spans, content_ranges(p.text, p.assistant_spans, eos))
+    replies = np.asarray([(s, reply_end(p.text, s, e, enders)) for s, e in p.assistant_spans], dtype=np.int64)
+    n_chars, n_bytes = _covered(p.text, spans, replies.reshape(-1, 2))
     return TeacherRecord(
         index=p.index, id=p.conv.id, domain=p.conv.domain, text=p.text,
         assistant_spans=np.asarray(p.assistant_spans, dtype=np.int32).reshape(-1, 2),
@@ -166,9 +140,10 @@ def length_batches(items: list[_Prepared], batch_size: int) -> list[list[_Prepar
     return [items[lo:lo + batch_size] for lo in range(0, len(items), batch_size)]
 
 
-def _extract_shard(writer: StoreWriter, shard: int, convs: list[Conversation], model: Any, tok: Any,
-                   template: str, cfg: ExtractConfig, bar: Any) -> None:
-    from fuse.extract_score import score_batch
+def extract_shard(writer: StoreWriter, shard: int, convs: list[Conversation], model: Any, tok: Any,
+                  template: str, cfg: ExtractJob, bar: Any) -> None:
+    """Score the conversations of one shard and write it (with its statistics)."""
+    from fuse.extract.score import score_batch
 
     stats: Counter = Counter()
     items = []
@@ -195,7 +170,7 @@ def _extract_shard(writer: StoreWriter, shard: int, convs: list[Conversation], m
     writer.write_shard(shard, records, dict(stats))
 
 
-def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -> dict:
+def extract(cfg: ExtractJob, on_shard: Callable[[int], None] | None = None) -> dict:
     """Write (or finish) the store `cfg.out`; returns its summed statistics (on the main process, {} elsewhere).
 
     Under several processes each scores a share of the pending shards; the main process
@@ -246,7 +221,7 @@ def extract(cfg: ExtractConfig, on_shard: Callable[[int], None] | None = None) -
         with tqdm(total=sum(len(writer.shard_rows(s)) for s in mine), unit="conv", desc=f"extract {cfg.model}",
                   disable=not state.is_main_process) as bar:
             for shard in mine:
-                _extract_shard(writer, shard, convs, model, tok, template, cfg, bar)
+                extract_shard(writer, shard, convs, model, tok, template, cfg, bar)
                 if on_shard is not None:
                     on_shard(shard)
     if not state.is_main_process:

@@ -1,21 +1,21 @@
 """Vocabulary map source → pivot: one pivot id (or −1) for every source token id.
 
-Built over a chat corpus (`python cli.py align`, or `vocab_map_for` from the pipeline):
+Built over a chat corpus (`fuse.align.build.build_map`: `python cli.py align`, or the pipeline):
 
 1. **Special tokens, explicitly.** The source's end-of-turn token maps to the pivot's end-of-turn
    token, then EOS → EOS, BOS → BOS, UNK → UNK, PAD → PAD, start-of-turn → start-of-turn (markers
    found by rendering a one-turn chat with each model's own template); other special tokens map to
    a pivot special token with the same text, else nowhere. Special tokens never map to ordinary
    tokens and ordinary tokens never to special ones.
-2. **Exact match** of the normalised bytes (`fuse.surface`): `▁the` (SentencePiece), `Ġthe`
+2. **Exact match** of the normalised bytes (`fuse.align.surface`): `▁the` (SentencePiece), `Ġthe`
    (byte-level) and `the` after a space are the same token; a byte-fallback `<0xE6>` is the byte
    0xE6. Among pivot tokens with equal bytes the one that is not a byte-fallback spelling wins,
    then the lowest id.
 3. **Statistics** for the rest: the pivot token most often aligned 1:1 with the source token over
-   the corpus (`fuse.chat_align`); ties go to the smaller edit distance between their texts, then
+   the corpus (`fuse.align.chat`); ties go to the smaller edit distance between their texts, then
    to the lower pivot id. Counts are a sparse dict (FuseChat keeps a dense |V_p|×|V_s| float64
    matrix: 24–39 GB for real vocabularies).
-4. Unseen, unmatched tokens stay −1 (`fuse.fusion.translate_topk` drops them; FuseChat maps them to
+4. Unseen, unmatched tokens stay −1 (`fuse.targets.fusion.translate_topk` drops them; FuseChat maps them to
    UNK, which would put probability on a token the pivot never predicts).
 
 The map is JSON (`VocabMap.save`/`load`): the id array, one letter per source id telling how it was
@@ -38,8 +38,9 @@ import numpy as np
 from core.atomic import write_text
 from core.errors import PivotfuseError
 from core.files import is_int, need, read_json
-from fuse.align import Alignment, ed
-from fuse.surface import TokenText
+from fuse.align.dp import ed
+from fuse.align.mined import Alignment
+from fuse.align.surface import TokenText
 
 FORMAT = "pivotfuse-vocab-map"
 VERSION = 1
@@ -220,18 +221,3 @@ class VocabMapBuilder:
                  "source_tokens_seen": len(self.counts)}
         return VocabMap(mapping, how_s, {"name": pv.name, "vocab_size": pv.vocab_size},
                         {"name": sv.name, "vocab_size": sv.vocab_size}, stats, sorted(evidence))
-
-
-def vocab_map_for(pivot: str, source: str, data: str, out_dir: str | Path, *, pivot_template: str | None = None,
-                  source_template: str | None = None, config: Any = None) -> tuple[np.ndarray, dict]:
-    """The map of `source` onto `pivot` over corpus `data`, kept in `out_dir/vocab_map.json`
-    (rebuilt only when the models, templates, corpus or settings change).
-
-    Returns (mapping array, statistics + fingerprint) for the fusion pipeline.
-    """
-    from fuse.align_cli import AlignConfig, build_map
-
-    cfg = config or AlignConfig()
-    out = Path(out_dir) / "vocab_map.json"
-    vmap = build_map(pivot, source, data, out, cfg, pivot_template=pivot_template, source_template=source_template)
-    return vmap.mapping, {**vmap.stats, "fingerprint": vmap.fingerprint, "path": str(out)}

@@ -8,7 +8,7 @@ pivot's scored assistant tokens; row t is the distribution that predicts pivot t
   logsumexp** (their probability mass adds up; FuseChat keeps only the first, which discards
   mass the source did put on that string). Rows are re-sorted, padded with id −1 / log-prob −inf.
 * `TeacherView` is one teacher seen at the pivot's positions; a source view has `aligned[t]`
-  False where it has no distribution for pivot position t (see `fuse.positions` for how
+  False where it has no distribution for pivot position t (see `fuse.targets.pairing` for how
   positions are paired). `fill_unaligned` replaces those rows by the **fallback**: a one-hot on
   the gold token (the recipe default, FuseChat's choice) or the pivot's own distribution. Gold is
   the default because the fallback matters only where the source won MinCE, i.e. where the
@@ -27,10 +27,25 @@ per-token variant the NLL of the gold token is divided by that token's length in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
 NEG_INF = np.float32(-np.inf)
+FALLBACKS = ("pivot", "gold")  # targets where the source has no aligned distribution (`fill_unaligned`)
+
+# The fusion methods by name, each with a one-line summary (the `fuse.method` help lists them): the
+# one registry that the `fuse:` section validates against and `fuse_sequence` dispatches on.
+METHODS: dict[str, Callable[..., "FusedTargets"]] = {}
+SUMMARIES: dict[str, str] = {}
+
+
+def method(name: str, summary: str) -> Callable[[Callable[..., "FusedTargets"]], Callable[..., "FusedTargets"]]:
+    """Register `fn(pivot, source, gold_ids, k, fallback) -> FusedTargets` as fusion method `name`."""
+    def deco(fn: Callable[..., FusedTargets]) -> Callable[..., FusedTargets]:
+        METHODS[name], SUMMARIES[name] = fn, summary
+        return fn
+    return deco
 
 
 @dataclass
@@ -58,6 +73,12 @@ class FusedTargets:
     fallback: np.ndarray  # (n,) bool: the source was wanted here but had no aligned distribution
     winner: str  # "pivot" / "source" (mince), "mixed" (avgce, mince_token)
     source_weight: float  # share given to the source: 0/1 (mince), w_s (avgce), position share (token)
+
+
+def seq_ce(rec: Any) -> float:
+    """A teacher record's NLL per character of reply text, the sequence CE the methods compare
+    (`rec.ce` is per token, from float32 log-probs)."""
+    return float(rec.ce) * rec.n_tokens / max(rec.n_chars, 1)
 
 
 def logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
@@ -142,13 +163,14 @@ def fill_unaligned(source: TeacherView, pivot: TeacherView, gold_ids: np.ndarray
         f_ids, f_lp = gold_view(gold_ids, k)
         f_ce = np.zeros(pivot.n, dtype=np.float32)
     else:
-        raise ValueError(f"fallback must be 'pivot' or 'gold', got {fallback!r}")
+        raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
     a = source.aligned
     return TeacherView(ids=np.where(a[:, None], s_ids, f_ids), logprobs=np.where(a[:, None], s_lp, f_lp),
                        token_ce=np.where(a, source.token_ce, f_ce).astype(np.float32), seq_ce=source.seq_ce,
                        aligned=np.ones(pivot.n, dtype=bool))
 
 
+@method("mince", "per sequence, the lower-CE teacher wins")
 def mince(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k: int,
           fallback: str = "gold") -> FusedTargets:
     """Per sequence: the teacher with the lower CE per character is the target everywhere.
@@ -166,6 +188,7 @@ def mince(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k: int,
     return FusedTargets(ids, lp, from_source=none, fallback=none.copy(), winner="pivot", source_weight=0.0)
 
 
+@method("avgce", "mixture weighted by softmax of −CE per character")
 def avgce(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k: int,
           fallback: str = "gold") -> FusedTargets:
     """Per sequence weights w = softmax(−[CE_pivot, CE_source]); target = w_p·P + w_s·S, top-k.
@@ -184,6 +207,7 @@ def avgce(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k: int,
                         winner="mixed", source_weight=float(w[1]))
 
 
+@method("mince_token", "lower-CE teacher per token")
 def mince_token(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k: int,
                 fallback: str = "gold") -> FusedTargets:
     """Per position: the teacher whose gold-token NLL per character is lower (ties → pivot).
@@ -201,9 +225,6 @@ def mince_token(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k
     from_source = take & source.aligned
     return FusedTargets(ids, lp, from_source=from_source, fallback=take & ~source.aligned, winner="mixed",
                         source_weight=float(from_source.mean()) if pivot.n else 0.0)
-
-
-METHODS = {"mince": mince, "avgce": avgce, "mince_token": mince_token}
 
 
 def fuse_sequence(method: str, pivot: TeacherView, source: TeacherView | None, gold_ids: np.ndarray, k: int,

@@ -9,18 +9,26 @@ them back), so prompts cost nothing and log-probs stay float16.
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from core.atomic import publish_folder
 from core.errors import PivotfuseError
-from fuse.fusion import FusedTargets, TeacherView, fuse_sequence, translate_topk
-from fuse.positions import END, Enders, content_ranges, pair_positions, reply_keys, token_chars, token_replies
-from fuse.project import PivotProjector, span_translate
-from fuse.surface import TokenText
-from fuse.store import LogitStore, TeacherRecord
+from core.files import need, read_json
+from core.loading import load_tokenizer
+from fuse.align.surface import TokenText
+from fuse.extract.store import LogitStore, TeacherRecord
+from fuse.targets.fusion import FusedTargets, TeacherView, fuse_sequence, seq_ce, translate_topk
+from fuse.targets.pairing import Enders, pair_positions, reply_keys, token_chars
+from fuse.targets.translate import PivotProjector, SpanTranslator
+
+ROWS_VERSION = 3  # bump when the training rows change meaning (it is in their fingerprint)
 
 
 @dataclass
@@ -53,11 +61,6 @@ class FusionStats:
                 "by_domain": {d: dict(c) for d, c in sorted(self.by_domain.items())}}
 
 
-def seq_ce(rec: TeacherRecord) -> float:
-    """NLL per character of reply text (ce is per token, from float32 log-probs)."""
-    return float(rec.ce) * rec.n_tokens / max(rec.n_chars, 1)
-
-
 def pivot_view(rec: TeacherRecord, chars: np.ndarray) -> TeacherView:
     return TeacherView(ids=rec.topk_ids.astype(np.int32), logprobs=rec.topk_logprobs.astype(np.float32),
                        token_ce=(-rec.gold_logprobs.astype(np.float32) / chars).astype(np.float32),
@@ -73,33 +76,6 @@ def source_view(rec: TeacherRecord, src_index: np.ndarray, chars: np.ndarray, vo
     aligned &= (ids >= 0).any(axis=1)  # nothing of the row maps into the pivot vocabulary
     ce = np.where(aligned, -rec.gold_logprobs[rows].astype(np.float32) / chars[rows], np.nan)
     return TeacherView(ids=ids, logprobs=lp, token_ce=ce.astype(np.float32), seq_ce=seq_ce(rec), aligned=aligned)
-
-
-@dataclass
-class SpanTranslator:
-    """What span translation needs besides the records (see `fuse.project`)."""
-
-    projector: PivotProjector  # text → pivot id
-    source_text: TokenText  # source id → text
-    eos: tuple[Enders, Enders]  # end-of-turn tokens of the pivot's and the source's template
-
-    def view(self, p_rec: TeacherRecord, s_rec: TeacherRecord, pair: np.ndarray, p_chars: np.ndarray,
-             vocab_map: np.ndarray, k: int) -> TeacherView:
-        """The source's distribution over pivot tokens at each paired pivot position; its per-token
-        CE is −log of the probability it gives the pivot's gold token, per character."""
-        p_keys = reply_keys(p_rec.text, p_rec.spans, p_rec.assistant_spans, self.eos[0])
-        p_end = np.array([key is not None and key[1] == END for key in p_keys], dtype=bool)
-        ids, lp = span_translate(
-            p_rec.text, p_rec.spans, content_ranges(p_rec.text, p_rec.assistant_spans, self.eos[0]),
-            token_replies(p_rec.spans, p_rec.assistant_spans), p_end,
-            s_rec.text, s_rec.spans, content_ranges(s_rec.text, s_rec.assistant_spans, self.eos[1]),
-            token_replies(s_rec.spans, s_rec.assistant_spans), s_rec.topk_ids,
-            s_rec.topk_logprobs.astype(np.float32), s_rec.token_ids, s_rec.gold_logprobs.astype(np.float32),
-            pair, self.source_text, self.projector, vocab_map, k)
-        aligned = (pair >= 0) & (ids >= 0).any(axis=1)
-        gold_lp = np.where(ids == p_rec.token_ids[:, None], lp, -np.inf).max(axis=1)  # (n,)
-        ce = np.where(aligned, -gold_lp / p_chars, np.nan).astype(np.float32)
-        return TeacherView(ids=ids, logprobs=lp, token_ce=ce, seq_ce=seq_ce(s_rec), aligned=aligned)
 
 
 def scored_positions(rec: TeacherRecord, input_ids: list[int], offsets: list[tuple[int, int]]) -> np.ndarray:
@@ -140,7 +116,7 @@ def fusion_rows(pivot: Iterable[TeacherRecord], source: Callable[[int], TeacherR
                 span: SpanTranslator | None = None) -> Iterator[dict[str, Any]]:
     """Training rows for the pivot's records; `source(index)` gives the source's record of the same
     conversation (None: skipped by the source). `source=None`: the pivot's own targets. With
-    `span`, the source's distributions are span-translated (`fuse.project`), else mapped id by id."""
+    `span`, the source's distributions are span-translated (`fuse.targets.translate`), else mapped id by id."""
     if source is not None and vocab_map is None:
         raise ValueError("a source needs a vocabulary map")
     for p_rec in pivot:
@@ -177,3 +153,53 @@ def fusion_rows(pivot: Iterable[TeacherRecord], source: Callable[[int], TeacherR
         dom["from_source_positions"] += int(fused.from_source.sum())
         dom["positions"] += p_rec.n_tokens
         yield make_row(p_rec, tokenizer, fused)
+
+
+def cached_rows(work: Path, fingerprint: str, build: Callable[[], tuple[Any, dict]]) -> tuple[Any, dict]:
+    """The training rows, cached in `work/rows` under their fingerprint (built by the main process)."""
+    import datasets
+
+    folder = work / "rows"
+    meta = folder / "pivotfuse_rows.json"
+    saved = read_json(meta) if meta.is_file() else {}
+    if saved.get("fingerprint") == fingerprint:
+        return datasets.load_from_disk(str(folder)), need(saved, "stats", lambda v: isinstance(v, dict), "a mapping",
+                                                          str(meta))
+    ds, stats = build()
+    tmp = work / "rows.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    (tmp / "pivotfuse_rows.json").write_text(json.dumps({"fingerprint": fingerprint, "stats": stats}, indent=1))
+    publish_folder(tmp, folder)
+    return datasets.load_from_disk(str(folder)), stats
+
+
+def build_rows(pivot_store: LogitStore, source_store: LogitStore | None, pivot_path: str, source_path: str | None,
+               vocab_map: np.ndarray | None, *, method: str, k: int, fallback: str, translate: str,
+               eos: tuple[Enders, Enders]) -> tuple[Any, dict]:
+    """The dataset of training rows (`fusion_rows` over the pivot's store, in chunks of 1024 rows)
+    and the fusion statistics. `translate`: 'span' (span translation) or 'vocab' (the map, id by id)."""
+    import datasets
+    from tqdm.auto import tqdm
+
+    tok = load_tokenizer(pivot_path, model=True, fast=True)
+    stats = FusionStats()
+    features = datasets.Features({
+        "id": datasets.Value("string"), "domain": datasets.Value("string"),
+        "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
+        "target_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
+        "target_logprobs": datasets.Sequence(datasets.Sequence(datasets.Value("float16")))})
+    chunks, chunk = [], []
+    lookup = store_lookup(source_store) if source_store is not None else None
+    span = None
+    if source_store is not None and translate == "span":
+        span = SpanTranslator(PivotProjector(tok), TokenText(load_tokenizer(source_path, model=True, fast=True)), eos)
+    rows = fusion_rows(pivot_store, lookup, tok, vocab_map, method, k, fallback, eos, stats, span)
+    for row in tqdm(rows, total=len(pivot_store), desc="fuse targets", unit="conv"):
+        chunk.append(row)
+        if len(chunk) == 1024:  # bounded memory: a chunk of rows at a time
+            chunks.append(datasets.Dataset.from_list(chunk, features=features))
+            chunk = []
+    if chunk or not chunks:
+        chunks.append(datasets.Dataset.from_list(chunk, features=features))
+    return datasets.concatenate_datasets(chunks), stats.as_dict()

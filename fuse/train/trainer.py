@@ -6,7 +6,7 @@ Rows of the training dataset (one conversation tokenised by the pivot):
     target_ids      (L, k) int, −1 padding; row t is the fused distribution over token t
     target_logprobs (L, k) float, −inf padding
 or, compactly, target_ids/target_logprobs (n, k) for the n labelled positions in order (what
-`fuse.targets` writes: prompts cost nothing); the collator scatters them to (L, k).
+`fuse.targets.rows` writes: prompts cost nothing); the collator scatters them to (L, k).
 
 The data is used as is (`skip_prepare_dataset`, no packing: packing would misalign the side data)
 and no column is dropped (`remove_unused_columns=False`). `compute_loss` asks the model for the
@@ -30,8 +30,8 @@ from core.atomic import publish_folder, write_text
 from core.files import read_json
 from core.logits import accepts_logits_mask
 from core.loading import copy_tokenizer_files, load_causal_lm, load_tokenizer, stored_dtype
-from fuse.config import FuseConfig
-from fuse.loss import IGNORE_INDEX, fusion_loss
+from fuse.train.config import FuseConfig
+from fuse.train.loss import IGNORE_INDEX, fusion_loss
 
 FUSION_COLUMNS = ("input_ids", "labels", "target_ids", "target_logprobs")
 

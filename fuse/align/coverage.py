@@ -2,7 +2,7 @@
 next-token distribution can be used.
 
 Counted positions are the pivot tokens of the assistant replies (and their end-of-turn tokens), as
-aligned by `fuse.chat_align`. Each falls in exactly one class:
+aligned by `fuse.align.chat`. Each falls in exactly one class:
 
 * `exact`    — aligned 1:1 with a source token of the same span and text;
 * `mapped`   — aligned 1:1 with a different source token that the vocabulary map sends to this
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fuse.align import Alignment
+from fuse.align.mined import Alignment
 
 KEYS = ("positions", "exact", "one_to_many", "many_to_one", "unaligned")
 
