@@ -139,7 +139,8 @@ def test_world_tokenizers(world, tmp_path):
     from align_helpers import token_texts
     from core.chat import load_conversations, render_chat, tokenize_chat
     from fuse.align.mined import align_tokens
-    from fuse.align.build import AlignConfig, build_map
+    from fuse.align.build import build_map
+    from fuse.align.config import AlignConfig
     from fuse.align.chat import ChatTokens, content_end
     from fuse.align.vocab import VocabMapBuilder
     from test_align import naive_cost

@@ -11,42 +11,18 @@ fingerprint (tokenizers, templates, corpus, settings) matches is reused as is.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from core.atomic import write_text
-from core.config import field
 from core.errors import PivotfuseError
 from core.files import is_int, need, read_json
 from core.fingerprint import digest, source_bytes, tokenizer_files
 from core.loading import check_tokenizer_folder, load_tokenizer, read_chat_template, refuse_inside
-
+from fuse.align.config import AlignConfig
 
 # The alignment code a map depends on: a change to it rebuilds the maps (in the map's fingerprint).
 CODE = ("mined.py", "dp.py", "chat.py", "surface.py", "vocab.py", "coverage.py")
-
-
-@dataclass
-class AlignConfig:
-    """Options of the token/vocabulary alignment (the recipe's `align:` section)."""
-
-    max_length: int | None = field(None, help="truncate each tokenized conversation to this many tokens")
-    limit: int | None = field(None, help="use only the first N conversations of the corpus")
-    halo: int = field(1, help="exact-DP windows reach this many exact shared tokens beyond each disagreement")
-    theta: int = field(1, help="windows also grow over shared tokens within this edit distance of a neighbour")
-    checkpoint_every: int = field(500, help="save progress every N conversations (an interrupted run resumes)")
-
-    def validate(self) -> None:
-        for name in ("max_length", "limit"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"{name}: must be > 0, got {v}")
-        if self.halo < 0:
-            raise ValueError(f"halo: must be >= 0, got {self.halo}")
-        if self.theta < -1:
-            raise ValueError(f"theta: must be >= -1 (-1: off), got {self.theta}")
-        if self.checkpoint_every <= 0:
-            raise ValueError(f"checkpoint_every: must be > 0, got {self.checkpoint_every}")
 
 
 def _check_out(out: Path, inputs: tuple[str, ...]) -> None:

@@ -1,13 +1,11 @@
-"""`python cli.py align`: build the vocabulary map of a source model onto the pivot over a chat corpus.
+"""`pivotfuse align`: build the vocabulary map of a source model onto the pivot over a chat corpus.
 
     python cli.py align --pivot P --source S --data D --out F [--limit N] [--max-length L]
 
-Loads the two tokenizers from the model folders, renders every conversation with each model's own
-chat template (`core.chat`), aligns the replies token by token (`fuse.align.chat`), counts the 1:1
-pairs (`fuse.align.vocab`) with a progress bar, and writes the map with its statistics and the pair's
-coverage (`fuse.align.coverage`) as JSON, atomically. Progress is saved every `checkpoint_every`
-conversations to `F.partial`; rerunning the same command resumes there, and a finished map whose
-fingerprint (tokenizers, templates, corpus, settings) matches is reused as is.
+The map, its statistics and the pair's coverage go to F as JSON (`fuse.align.build`). Progress is
+saved every `checkpoint_every` conversations to `F.partial`; rerunning the same command resumes
+there, and a finished map whose fingerprint (tokenizers, templates, corpus, settings) matches is
+reused as is.
 """
 
 from __future__ import annotations
@@ -15,8 +13,8 @@ from __future__ import annotations
 import argparse
 
 from core.config import add_arguments as add_config_arguments
-from core.config import from_args
-from fuse.align.build import AlignConfig, build_map
+from core.config import load_config
+from fuse.align.config import AlignConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = from_args(AlignConfig, args)
-    vmap = build_map(args.pivot, args.source, args.data, args.out, cfg,
-                     pivot_template=args.pivot_chat_template, source_template=args.source_chat_template)
+    from pipeline.tasks import vocab_map
+
+    cfg = load_config(AlignConfig, args=args)
+    vmap = vocab_map(args.pivot, args.source, args.data, args.out, cfg, args.pivot_chat_template,
+                     args.source_chat_template)
     s, c = vmap.stats, vmap.stats["coverage"]
     print(f"vocabulary map {args.out}: {s['source_vocab']} source ids — exact {s['exact']}, statistical "
           f"{s['statistical']}, special {s['special']}, unmapped {s['unmapped']} "

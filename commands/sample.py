@@ -9,12 +9,10 @@ Each model answers with its own chat template into OUT/model_answer/<name>.jsonl
 from __future__ import annotations
 
 import argparse
-import time
 
 from core.config import add_arguments as add_config_arguments
-from core.config import apply_overrides, from_args, load_yaml
-from core.errors import PivotfuseError
-from implicit.sample import SampleConfig
+from core.config import load_config
+from implicit.config import SampleConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,28 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, SampleConfig)
 
 
-def section(args: argparse.Namespace, name: str, cls: type) -> object:
-    """`cls` from the recipe's `name` section (if any), `--set` overrides, then the flags."""
-    base, src = {}, "command line"
-    if args.recipe:
-        base = load_yaml(args.recipe).get(name) or {}
-        if not isinstance(base, dict):
-            raise PivotfuseError(f"{args.recipe}: '{name}' must be a mapping")
-        src = args.recipe
-    apply_overrides(base, args.set, "--set")
-    return from_args(cls, args, base, src=src)
-
-
 def run(args: argparse.Namespace) -> int:
-    from evals.cli import _models
-    from implicit.prompts import load_prompts
-    from implicit.sample import sample_answers
+    from pipeline.tasks import model_specs, sample
 
-    cfg = section(args, "sample", SampleConfig)
-    models, templates = _models(args.model, args.chat_template)
-    prompts = load_prompts(args.prompts, args.limit)
-    for name, spec in models.items():
-        t0 = time.perf_counter()
-        path = sample_answers(prompts, spec, args.out, cfg, chat_template=templates.get(name), name=name)
-        print(f"sample {name}: {len(prompts)} prompts -> {path} ({time.perf_counter() - t0:.1f} s)")
+    cfg = load_config(SampleConfig, args.recipe, args.set, "sample", args)
+    models, templates = model_specs(args.model, args.chat_template)
+    sample(args.prompts, args.limit, models, templates, args.out, cfg)
     return 0

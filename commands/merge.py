@@ -1,4 +1,4 @@
-"""`cli.py merge`: merge models in parameter space, from flags or a YAML merge file.
+"""`pivotfuse merge`: merge models in parameter space, from flags or a YAML merge file.
 
     python cli.py merge --base PIVOT --models T1 T2 T3 --method sce --select-topk 0.1 --out merged/
     python cli.py merge --config merge.yaml [--flags override the file]
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from core.config import add_arguments as add_config_arguments
-from core.config import from_args, load_yaml
+from core.config import load_config
 from merge.config import MergeJob
 
 
@@ -23,12 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from merge.merger import merge_models  # torch is imported only when a merge runs
+    from pipeline.tasks import merge  # torch is imported only when a merge runs
 
-    data = load_yaml(args.config) if args.config else {}
-    job = from_args(MergeJob, args, data, src=args.config or "command line")
-    s = merge_models(job.base, job.models, job.method_config(), job.out, overwrite=job.overwrite,
-                     progress=not args.quiet, threads=args.threads)
+    job = load_config(MergeJob, args.config, args=args)
+    s = merge(job, progress=not args.quiet, threads=args.threads)
     sec = s["seconds"]
     resumed = f", {s['resumed']} resumed" if s["resumed"] else ""
     print(f"merged {len(job.models)} models with {s['method']} into {s['out']}: {s['tensors']} tensors, "

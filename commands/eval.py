@@ -13,8 +13,7 @@ import argparse
 import time
 
 from core.config import add_arguments as add_config_arguments
-from core.config import apply_overrides, from_args, load_yaml
-from core.errors import PivotfuseError
+from core.config import load_config
 from evals.config import EvalConfig
 
 _MTBENCH_ONLY = ("questions", "judge_prompts", "reference", "judge", "base_url", "api_key_env", "max_new_tokens",
@@ -51,62 +50,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(p, EvalConfig, skip=tuple(f for f in EvalConfig.__dataclass_fields__ if f != "out"))
 
 
-def _config(args: argparse.Namespace) -> EvalConfig:
-    base = {}
-    src = "command line"
-    if args.recipe:
-        base = load_yaml(args.recipe).get("eval") or {}
-        if not isinstance(base, dict):
-            raise PivotfuseError(f"{args.recipe}: 'eval' must be a mapping")
-        src = args.recipe
-    apply_overrides(base, args.set, "--set")
-    return from_args(EvalConfig, args, base, src=src)
-
-
-def _models(specs: list[str], templates: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    from evals.backends import parse_spec
-
-    models: dict[str, str] = {}
-    for spec in specs:
-        name = parse_spec(spec).name
-        if name in models:
-            raise PivotfuseError(f"--model: two models named {name!r}: prefix one with NAME=")
-        models[name] = spec  # parse_spec reads the NAME= prefix again
-    chat_templates = {}
-    for item in templates:
-        name, sep, path = item.partition("=")
-        if not sep or not path:
-            raise PivotfuseError(f"--chat-template: expected NAME=FILE, got {item!r}")
-        chat_templates[name] = path
-    return models, chat_templates
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    from pipeline import tasks
+
+    cfg = load_config(EvalConfig, args.recipe, args.set, "eval", args)
     t0 = time.perf_counter()
     if args.eval_command == "mtbench":
-        from evals.report import build_table
-        from evals.run import run_mtbench
-
-        models, templates = _models(args.model, args.chat_template)
-        info = run_mtbench(models, cfg, templates, answer_only=args.answer_only)
+        models, templates = tasks.model_specs(args.model, args.chat_template)
+        info, table = tasks.eval_mtbench(models, templates, cfg, args.answer_only)
         for step, sec in info["seconds"].items():
             print(f"{step}: {sec:.1f} s")
-        if "judgments" in info:
-            print(build_table(cfg.out, list(models), info["judge"])[0])  # this judge's, if OUT holds several
+        if table:
+            print(table)  # this judge's, if OUT holds several
     elif args.eval_command == "loss":
-        from evals.loss import heldout_loss
-        from evals.report import build_table
-
-        if not cfg.data:
-            raise PivotfuseError("eval loss: pass --data FILE (held-out chats)")
-        models, templates = _models(args.model, args.chat_template)
-        heldout_loss(models, cfg.data, cfg, templates, out=cfg.out)
-        print(build_table(cfg.out, list(models))[0])
+        print(tasks.eval_loss(args.model, args.chat_template, cfg))
     else:
-        from evals.report import write_report
-
-        md, png = write_report(cfg.out, args.model, args.judge_name)
+        md, png = tasks.eval_report(cfg.out, args.model, args.judge_name)
         print(md.read_text())
         print(f"wrote {md} and {png}")
     print(f"eval {args.eval_command}: {time.perf_counter() - t0:.1f} s")

@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.config import field, from_dict, load_yaml, apply_overrides
+from core.config import apply_overrides, field, from_dict, load_yaml, to_dict
 from core.errors import PivotfuseError
+from core.loading import refuse_file_as_folder
 from world.config import WorldConfig
 from merge.config import MergeSpec
 from fuse.extract.config import ExtractConfig
 from fuse.train.config import FuseConfig
-from fuse.align.build import AlignConfig
+from fuse.align.config import AlignConfig
 from evals.config import EvalConfig
 
 
@@ -113,4 +114,43 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_path
             recipe.world_path(ref)
         elif not Path(ref).exists():
             raise PivotfuseError(f"{path}: 'data.{key}': {ref!r} not found")
+    return recipe
+
+
+def recipe_for_fuse(path: str | None, overrides: list[str], *, pivot: str | None, source: str | None,
+                    data: str | None, out: str | None, clm: bool, fuse_flags: dict) -> Recipe:
+    """The recipe of `pivotfuse fuse`: file `path` (+ `--set` overrides, keys in the whole recipe), or
+    without one a recipe of the given folders, with --pivot/--source/--data/--out and the `fuse:`
+    flags that were given (`fuse_flags`) on top."""
+    if path:
+        raw = apply_overrides(load_yaml(path), overrides, str(path))
+        src = str(path)
+    else:
+        missing = [f"--{n}" for n, v in (("pivot", pivot), ("data", data), ("out", out)) if v is None]
+        if not clm and source is None:
+            missing.append("--source")
+        if missing:
+            raise PivotfuseError(f"fuse: without --recipe, {' '.join(missing)} required")
+        raw = apply_overrides({}, overrides, "--set")
+        src = "command line"
+    models = raw.setdefault("models", {})
+    if pivot:
+        models["pivot"] = {"name": models.get("pivot", {}).get("name", "pivot"), "path": pivot}
+    if source and not path:
+        models["sources"] = [{"name": Path(source).name or "source", "path": source}]
+    if data:
+        raw.setdefault("data", {})["fusion"] = data
+    if out:
+        raw["out"] = out
+    recipe = from_dict(Recipe, raw, src=src)
+    recipe.fuse = from_dict(FuseConfig, {**to_dict(recipe.fuse), **fuse_flags}, src=src)
+    for spec in [recipe.models.pivot, *recipe.models.sources]:
+        if spec.path.startswith("world:"):
+            continue
+        refuse_file_as_folder(spec.path, f"{src}: model {spec.name}")
+        if not Path(spec.path).is_dir():
+            raise PivotfuseError(f"{src}: model {spec.name}: {spec.path!r} is not a folder")
+    fusion = recipe.world_path(recipe.data.fusion)
+    if not Path(fusion).exists():
+        raise PivotfuseError(f"{src}: fusion corpus {fusion!r} not found")
     return recipe

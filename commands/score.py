@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 from core.config import add_arguments as add_config_arguments
-from core.errors import PivotfuseError
-from implicit.sample_cli import section
-from implicit.score import ScoreConfig
+from core.config import load_config
+from implicit.config import ScoreConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,19 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from evals.mtbench import load_rows
-    from implicit.files import ANSWER_DIR
-    from implicit.prompts import load_prompts
-    from implicit.score import score_answers
+    from pipeline.tasks import score
 
-    cfg = section(args, "score", ScoreConfig)
-    models = args.model or sorted(p.stem for p in (Path(args.out) / ANSWER_DIR).glob("*.jsonl"))
-    if not models:
-        raise PivotfuseError(f"{Path(args.out) / ANSWER_DIR}: no answer files to score (run `sample` first)")
+    cfg = load_config(ScoreConfig, args.recipe, args.set, "score", args)
     t0 = time.perf_counter()
-    paths = score_answers(load_prompts(args.prompts), args.out, models, cfg, chat_template=args.chat_template)
-    for name, path in paths.items():
-        scores = [s for r in load_rows(path) for s in r["scores"]]
+    for name, (path, scores) in score(args.prompts, args.out, args.model, cfg, args.chat_template).items():
         known = [s for s in scores if s is not None]
         mean = f"{sum(known) / len(known):.4f}" if known else "n/a"
         print(f"score {name}: {len(scores)} answers, mean {mean}, {len(scores) - len(known)} unscored -> {path}")

@@ -1,4 +1,4 @@
-"""`pivotfuse run RECIPE`: the whole fusion from one file.
+"""Run a whole recipe: the orchestration of `pivotfuse run RECIPE`.
 
 setup (world) → phase 1 per source (extract → align → fuse → train T_k) and the pivot-CLM
 baseline → phase 2 merges of the targets → evaluation (held-out loss per domain, question set
@@ -8,9 +8,6 @@ output exists with the same fingerprint, so a stopped run continues where it sto
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -18,37 +15,10 @@ from pathlib import Path
 import yaml
 
 from core.atomic import write_text
-from core.errors import PivotfuseError
-from core.files import brief, read_json
 from core.fingerprint import folder_stamp, json_sha
-from core.recipe import CLM_NAME, TARGET_PREFIX, Recipe, load_recipe
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="recipe YAML (see recipes/)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override recipe values, e.g. --set fuse.lr=1e-4 out=runs/x")
-
-
-class Steps:
-    """`OUT/steps.json`: the fingerprint each finished step was made with."""
-
-    def __init__(self, out: Path) -> None:
-        self.path = out / "steps.json"
-        self.done: dict[str, str] = {}
-        if self.path.is_file():
-            self.done = read_json(self.path, "a mapping of steps to fingerprints")
-        for step, fp in self.done.items():
-            if not isinstance(fp, str):
-                raise PivotfuseError(f"{self.path}: step {step!r} must map to a fingerprint string, got {brief(fp)}; "
-                                     "delete the file to redo every step")
-
-    def fresh(self, step: str, fp: str, output: Path) -> bool:
-        return self.done.get(step) == fp and output.exists()
-
-    def mark(self, step: str, fp: str) -> None:
-        self.done[step] = fp
-        write_text(self.path, json.dumps(self.done, indent=1))
+from pipeline.claims import write_run_report
+from pipeline.recipe import CLM_NAME, TARGET_PREFIX, Recipe
+from pipeline.steps import Steps
 
 
 def _log(msg: str) -> None:
@@ -57,7 +27,7 @@ def _log(msg: str) -> None:
 
 def _phase1(recipe: Recipe) -> tuple[dict[str, Path], Path | None]:
     """Targets T_k for every source (and the pivot-CLM baseline); fuse_source skips finished ones."""
-    from fuse.pipeline import fuse_source
+    from pipeline.pairwise import fuse_source
 
     targets = {}
     for spec in recipe.models.sources:
@@ -130,59 +100,6 @@ def _evaluate(recipe: Recipe, models: dict[str, str], steps: Steps) -> Path:
     return out
 
 
-def mean_over_domains(row: dict[str, dict]) -> float:
-    """Mean bits/byte over a model's domains (the pooled `all` row left out); NaN without any."""
-    vals = [v["bits_per_byte"] for d, v in row.items() if d != "all"]
-    return sum(vals) / len(vals) if vals else math.nan
-
-
-def claims(recipe: Recipe, loss: dict[str, dict], merged: list[str]) -> list[tuple[str, bool, str]]:
-    """The paper's claims in miniature, checked on mean held-out loss over the domains."""
-    def mean(name: str) -> float:
-        return mean_over_domains(loss[name])
-
-    pivot = recipe.models.pivot.name
-    rows: list[tuple[str, bool, str]] = []
-    clm = CLM_NAME
-    have_clm = clm in loss
-    for m in merged:
-        if have_clm:
-            rows.append((f"{m} < {clm} < {pivot} (mean over domains)", mean(m) < mean(clm) < mean(pivot),
-                         f"{mean(m):.4f} < {mean(clm):.4f} < {mean(pivot):.4f}"))
-        for s in recipe.models.sources:
-            rows.append((f"{m} < source {s.name} (mean)", mean(m) < mean(s.name), f"{mean(m):.4f} < {mean(s.name):.4f}"))
-    if have_clm:
-        for s in recipe.models.sources:
-            dom, t = s.domain or s.name, TARGET_PREFIX + s.name
-            if dom in loss.get(t, {}) and dom in loss[clm]:
-                a, b = loss[t][dom]["bits_per_byte"], loss[clm][dom]["bits_per_byte"]
-                rows.append((f"{t} < {clm} on {dom}", a < b, f"{a:.4f} < {b:.4f}"))
-    return rows
-
-
-def write_run_report(recipe: Recipe, eval_dir: Path, models: dict[str, str], merged: list[str]) -> Path:
-    """OUT/report.md (+ report.png): the eval table, mean loss over domains, and the claims."""
-    from evals.report import build_table, plot
-
-    out = Path(recipe.out)
-    spec = recipe.eval.judge
-    judge = spec.split("=", 1)[0] if spec and "=" in spec else ("reference" if spec == "reference" else None)
-    md, data = build_table(eval_dir, list(models), judge=judge)
-    lines = [f"# pivotfuse run: {out}", "", md]
-    loss = data["loss"]
-    if loss:
-        lines += ["| model | mean bits/byte over domains |", "|---|---:|"]
-        lines += [f"| {name} | {mean_over_domains(loss[name]):.4f} |" for name in models if name in loss]
-        checks = claims(recipe, loss, merged)
-        if checks:
-            lines += ["", "| claim | holds | numbers |", "|---|---|---|"]
-            lines += [f"| {c} | {'yes' if ok else '**no**'} | {n} |" for c, ok, n in checks]
-    md_path = out / "report.md"
-    write_text(md_path, "\n".join(lines) + "\n")
-    plot(data, out / "report.png")
-    return md_path
-
-
 def run_recipe(recipe: Recipe) -> Path:
     """Run every step of `recipe`; returns the report path."""
     import torch
@@ -211,12 +128,3 @@ def run_recipe(recipe: Recipe) -> Path:
         _log(f"done in {time.time() - t0:.0f} s: {report}")
     state.wait_for_everyone()
     return report
-
-
-def run(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.set)
-    if not recipe.models.sources:
-        raise PivotfuseError(f"{args.recipe}: 'models.sources' is empty: nothing to fuse")
-    report = run_recipe(recipe)
-    print(report.read_text())
-    return 0

@@ -27,9 +27,7 @@ from core.errors import PivotfuseError
 from core.files import read_json
 from core.fingerprint import json_sha
 from core.loading import load_tokenizer
-from core.recipe import CLM_NAME, ModelSpec, Recipe
-
-CLM = CLM_NAME  # one name for the baseline across fuse, run and the recipe checks
+from pipeline.recipe import CLM_NAME, ModelSpec, Recipe
 
 
 def _store(recipe: Recipe, spec: ModelSpec, data: str):
@@ -95,7 +93,7 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     source = specs.get(source_name) if source_name else None
     if source is None:
         cfg = dataclasses.replace(cfg, lam=1.0)  # pivot-CLM: the same path without the fusion term
-    name = source.name if source else CLM
+    name = source.name if source else CLM_NAME
     out, work = Path(recipe.out), Path(recipe.out) / "fuse" / name
     target = out / "targets" / name
     pivot = recipe.models.pivot
@@ -148,6 +146,14 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
 
     train_target(cfg, pivot_path, train, str(target), str(work), eval_dataset=sample, write_extra=write_extra)
     return target
+
+
+def fuse_target(recipe: Recipe, source_name: str | None) -> tuple[Path, dict | None]:
+    """`fuse_source` for one command: the target folder and, on the main process, its fusion report."""
+    from accelerate import PartialState
+
+    target = fuse_source(recipe, source_name)
+    return target, read_json(target / "fusion_report.json") if PartialState().is_main_process else None
 
 
 def model_card(report: dict) -> str:

@@ -13,12 +13,10 @@ also a flag. Rerun the same command to resume an interrupted run.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from core.config import add_arguments as add_config_arguments
-from core.config import apply_overrides, from_args, from_dict, load_yaml, to_dict
+from core.config import given
 from core.errors import PivotfuseError
-from core.loading import refuse_file_as_folder
 from fuse.train.config import FuseConfig
 
 
@@ -34,59 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, FuseConfig)
 
 
-def build_recipe(args: argparse.Namespace):
-    """The recipe from --recipe (+ --set) with --pivot/--source/--data/--out and fuse flags applied."""
-    from core.recipe import Recipe, load_recipe
-
-    if args.recipe:
-        data = apply_overrides(load_yaml(args.recipe), args.set, str(args.recipe))
-        src = str(args.recipe)
-    else:
-        missing = [f"--{n}" for n in ("pivot", "data", "out") if getattr(args, n) is None]
-        if not args.clm and args.source is None:
-            missing.append("--source")
-        if missing:
-            raise PivotfuseError(f"fuse: without --recipe, {' '.join(missing)} required")
-        data = apply_overrides({}, args.set, "--set")
-        src = "command line"
-    models = data.setdefault("models", {})
-    if args.pivot:
-        models["pivot"] = {"name": models.get("pivot", {}).get("name", "pivot"), "path": args.pivot}
-    if args.source and not args.recipe:
-        models["sources"] = [{"name": Path(args.source).name or "source", "path": args.source}]
-    if args.data:
-        data.setdefault("data", {})["fusion"] = args.data
-    if args.out:
-        data["out"] = args.out
-    recipe = from_dict(Recipe, data, src=src)
-    recipe.fuse = from_args(FuseConfig, args, to_dict(recipe.fuse), src=src)
-    for spec in [recipe.models.pivot, *recipe.models.sources]:
-        if spec.path.startswith("world:"):
-            continue
-        refuse_file_as_folder(spec.path, f"{src}: model {spec.name}")
-        if not Path(spec.path).is_dir():
-            raise PivotfuseError(f"{src}: model {spec.name}: {spec.path!r} is not a folder")
-    fusion = recipe.world_path(recipe.data.fusion)
-    if not Path(fusion).exists():
-        raise PivotfuseError(f"{src}: fusion corpus {fusion!r} not found")
-    return recipe
-
-
 def run(args: argparse.Namespace) -> int:
-    from fuse.pipeline import fuse_source
+    from pipeline.pairwise import fuse_target
+    from pipeline.recipe import recipe_for_fuse
 
     if args.clm and args.source:
         raise PivotfuseError("fuse: give --source or --clm, not both")
-    recipe = build_recipe(args)
+    recipe = recipe_for_fuse(args.recipe, args.set, pivot=args.pivot, source=args.source, data=args.data,
+                             out=args.out, clm=args.clm, fuse_flags=given(FuseConfig, args))
     name = None if args.clm else (args.source if args.recipe else recipe.models.sources[0].name)
-    target = fuse_source(recipe, name)
-    from accelerate import PartialState
-
-    from core.files import read_json
-
-    if not PartialState().is_main_process:
+    target, report = fuse_target(recipe, name)
+    if report is None:  # not the main process
         return 0
-    report = read_json(target / "fusion_report.json")
     b, a = report["loss_before"], report["loss_after"]
     print(f"fuse: {report['target']}: loss {b.get('loss', float('nan')):.4f} -> {a.get('loss', float('nan')):.4f} "
           f"in {report['steps']} steps; coverage {report['fusion']['coverage']:.1%}; "
