@@ -33,7 +33,7 @@ from typing import Any
 from core.atomic import write_text
 from core.config import field
 from core.errors import PivotfuseError
-from implicit.files import answer_path, read_rows, score_path
+from implicit.files import answer_path, check_answer_row, check_score_row, read_rows, score_path
 from implicit.prompts import Prompt, key
 
 GAP_TOLERANCE = 1e-9  # the window's ends are included despite float noise (0.31 - 0.21 != 0.1)
@@ -229,9 +229,9 @@ def _section(rows: int, outcome: Counter, by_source: Counter) -> dict[str, Any]:
 def load_candidates(out: str | Path, scorer: str, model: str) -> tuple[dict[str, list[Candidate]], Counter]:
     """A model's usable answers per prompt key, from its answer and score files, and the counts of
     answers that take no part. Scores must be for the answers on disk (else: score again)."""
-    answers = read_rows(answer_path(out, model), f"answers of {model}")
+    answers = read_rows(answer_path(out, model), f"answers of {model}", check_answer_row)
     spath = score_path(out, scorer, model)
-    scores = {key(r["question_id"]): r for r in read_rows(spath, f"scores of {model} by {scorer}")}
+    scores = {key(r["question_id"]): r for r in read_rows(spath, f"scores of {model} by {scorer}", check_score_row)}
     cands, counts = {}, Counter()
     for row in answers:
         k = key(row["question_id"])

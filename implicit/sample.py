@@ -22,10 +22,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from evals.mtbench import _append
+from evals.mtbench import append_rows
 from implicit.backend import open_backend
 from implicit.config import SampleConfig
-from implicit.files import answer_path, check_name, check_settings, finish, load_rows
+from implicit.files import answer_path, answer_rows, check_answer_row, check_name, check_settings, finish
 from implicit.prompts import Prompt, key
 
 
@@ -88,16 +88,16 @@ def sample_answers(prompts: list[Prompt], model: Any, out: str | Path, cfg: Samp
                     "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                     "seed": cfg.seed, "system_prompt": cfg.system_prompt, "chunk_prompts": cfg.chunk_prompts}
         check_settings(path.with_name(f"{name}.settings.json"), settings, f"answers of {name}")
-        done = {key(r["question_id"]): r for r in load_rows(path) if "question_id" in r}
+        done = {key(r["question_id"]): r for r in answer_rows(path)}
         chunks = [prompts[i:i + cfg.chunk_prompts] for i in range(0, len(prompts), cfg.chunk_prompts)]
         todo = [c for c in chunks if any(p.key not in done or not _complete(done[p.key], samples_for(p, cfg))
                                          for p in c)]
         with tqdm(total=sum(len(c) for c in todo), desc=f"sample {name}", unit="prompt", disable=not todo) as bar:
             for chunk in todo:
-                _append(path, sample_chunk(backend, name, chunk, cfg))
+                append_rows(path, sample_chunk(backend, name, chunk, cfg))
                 bar.update(len(chunk))
         if path.is_file():
-            finish(path, [p.key for p in prompts], lambda r: key(r["question_id"]))
+            finish(path, [p.key for p in prompts], lambda r: key(r["question_id"]), check_answer_row)
         truncated = getattr(backend, "truncated", 0)
         if truncated:
             print(f"{name}: {truncated} prompts were cut on the left to fit the context")

@@ -24,11 +24,12 @@ from tqdm import tqdm
 
 from core.errors import PivotfuseError
 from evals.config import REFERENCE_CATEGORIES
-from evals.mtbench import _append, judge_messages, parse_rating
+from evals.mtbench import append_rows, judge_messages, parse_rating
 from evals.questions import builtin_judge_prompts, load_judge_prompts
 from implicit.backend import open_backend
 from implicit.config import ScoreConfig
-from implicit.files import answer_path, check_name, check_settings, finish, load_rows, read_rows, score_path
+from implicit.files import (answer_path, check_answer_row, check_name, check_score_row, check_settings, finish,
+                            read_rows, score_path, score_rows)
 from implicit.prompts import Prompt, key
 from implicit.verify import Checker, make_checker
 
@@ -112,13 +113,13 @@ def make_scorer(cfg: ScoreConfig, chat_template: str | None = None) -> Scorer:
 
 def score_model(prompts: dict[str, Prompt], out: Path, model: str, scorer: Scorer, chunk_prompts: int) -> Path:
     """Score every answer row of `model` not yet scored (for its current answers)."""
-    answers = read_rows(answer_path(out, model), f"answers of {model}")
+    answers = read_rows(answer_path(out, model), f"answers of {model}", check_answer_row)
     unknown = [r["question_id"] for r in answers if key(r["question_id"]) not in prompts]
     if unknown:
         raise PivotfuseError(f"{answer_path(out, model)}: question_id {unknown[0]!r} is not among the prompts")
     path = score_path(out, scorer.name, model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {key(r["question_id"]): r["answer_id"] for r in load_rows(path) if "answer_id" in r}
+    done = {key(r["question_id"]): r["answer_id"] for r in score_rows(path)}
     todo = [r for r in answers if done.get(key(r["question_id"])) != r["answer_id"]]
     with tqdm(total=len(todo), desc=f"score {model} ({scorer.name})", unit="prompt", disable=not todo) as bar:
         for start in range(0, len(todo), chunk_prompts):
@@ -131,9 +132,9 @@ def score_model(prompts: dict[str, Prompt], out: Path, model: str, scorer: Score
                 scored.append({"question_id": r["question_id"], "model_id": model, "answer_id": r["answer_id"],
                                "scorer": scorer.name, "scores": [s for s, _ in got], "details": [d for _, d in got],
                                "tstamp": time.time()})
-            _append(path, scored)
+            append_rows(path, scored)
             bar.update(len(rows))
-    finish(path, [key(r["question_id"]) for r in answers], lambda r: key(r["question_id"]))
+    finish(path, [key(r["question_id"]) for r in answers], lambda r: key(r["question_id"]), check_score_row)
     return path
 
 

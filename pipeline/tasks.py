@@ -144,8 +144,7 @@ def sample(prompts_file: str, limit: int | None, models: dict[str, str], templat
 def score(prompts_file: str, out: str, models: list[str], cfg: Any, chat_template: str | None) -> dict[str, list]:
     """Score the sampled answers of `models` (default: every answer file in `out`) with `cfg`'s
     scorer: {model: every answer's score (None: unscored)}, with the score file of each."""
-    from evals.mtbench import load_rows
-    from implicit.files import ANSWER_DIR
+    from implicit.files import ANSWER_DIR, score_rows
     from implicit.prompts import load_prompts
     from implicit.score import score_answers
 
@@ -153,4 +152,4 @@ def score(prompts_file: str, out: str, models: list[str], cfg: Any, chat_templat
     if not models:
         raise PivotfuseError(f"{Path(out) / ANSWER_DIR}: no answer files to score (run `sample` first)")
     paths = score_answers(load_prompts(prompts_file), out, models, cfg, chat_template=chat_template)
-    return {name: [path, [s for r in load_rows(path) for s in r["scores"]]] for name, path in paths.items()}
+    return {name: [path, [s for r in score_rows(path) for s in r["scores"]]] for name, path in paths.items()}
