@@ -1,5 +1,5 @@
 """The streaming merger: check every input's headers (names, shapes, tied heads) before any
-work, then run the read → merge → write pipeline (`merge.pipeline`) into a hidden
+work, then run the read → merge → write pipeline (`merge.stream`) into a hidden
 `.NAME.partial` folder next to `out`. Its planned shard layout and progress log let an
 interrupted merge resume where it stopped; it is renamed to `out` only when complete, with the
 base's config/tokenizer files and a model card. `merge_models` is the entry point.
@@ -26,7 +26,7 @@ from merge import card, methods
 from merge.config import MergeConfig, parse_size
 from merge.io import SafetensorsReader, ShardedWriter, copy_aux_files
 from merge.parallel import compute_threads
-from merge.pipeline import Item, stream
+from merge.stream import Item, stream
 
 # Output heads that `tie_word_embeddings` models omit: a model without one uses its input embedding.
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")

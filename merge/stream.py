@@ -1,4 +1,4 @@
-"""The merge pipeline: read → merge → write, one tensor at a time, reading and writing on their
+"""The merge stream: read → merge → write, one tensor at a time, reading and writing on their
 own threads so that disk and CPU overlap while memory stays bounded.
 
 The reader may hold at most a byte budget of tensors read ahead (by default the working set of
