@@ -7,15 +7,24 @@ prints. Libraries are imported when a step runs, so `--help` stays fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Callable
 
 from core.errors import PivotfuseError
 from core.loading import refuse_file_as_folder
 from pipeline.recipe import load_recipe
 
+if TYPE_CHECKING:  # the sections' schemas, for the annotations only
+    from evals.config import EvalConfig
+    from fuse.align.config import AlignConfig
+    from fuse.align.vocab import VocabMap
+    from fuse.extract.config import ExtractJob
+    from implicit.config import SampleConfig, ScoreConfig
+    from merge.config import MergeJob
+    from world.config import WorldConfig
 
-def build_world(cfg: Any) -> str:
-    """Build (or reuse) the demo world of `cfg` (a `WorldConfig`); its tables as markdown."""
+
+def build_world(cfg: WorldConfig) -> str:
+    """Build (or reuse) the demo world of `cfg`; its tables as markdown."""
     from world.build import build_world as build, format_table
 
     return format_table(build(cfg))
@@ -50,8 +59,8 @@ def extract_job_from_recipe(recipe_path: str, overrides: list[str], model: str |
     return base, named
 
 
-def extract(job: Any) -> tuple[dict, int]:
-    """Write (or finish, or reuse) the store of `job` (an `ExtractJob`): its statistics and the bytes
+def extract(job: ExtractJob) -> tuple[dict, int]:
+    """Write (or finish, or reuse) the store of `job`: its statistics and the bytes
     of its shard files ({} and 0 on processes other than the main one)."""
     from fuse.extract.extract import extract as run
 
@@ -60,16 +69,16 @@ def extract(job: Any) -> tuple[dict, int]:
     return stats, size
 
 
-def vocab_map(pivot: str, source: str, data: str, out: str, cfg: Any, pivot_template: str | None,
-              source_template: str | None) -> Any:
-    """Build (or reuse, or resume) the vocabulary map of `source` onto `pivot` (`AlignConfig` `cfg`)."""
+def vocab_map(pivot: str, source: str, data: str, out: str, cfg: AlignConfig, pivot_template: str | None,
+              source_template: str | None) -> VocabMap:
+    """Build (or reuse, or resume) the vocabulary map of `source` onto `pivot`."""
     from fuse.align.build import build_map
 
     return build_map(pivot, source, data, out, cfg, pivot_template=pivot_template, source_template=source_template)
 
 
-def merge(job: Any, *, progress: bool, threads: int | None) -> dict:
-    """Run the merge of `job` (a `MergeJob`); its summary."""
+def merge(job: MergeJob, *, progress: bool, threads: int | None) -> dict:
+    """Run the merge of `job`; its summary."""
     from merge.merger import merge_models
 
     return merge_models(job.base, job.models, job.method_config(), job.out, overwrite=job.overwrite,
@@ -95,7 +104,8 @@ def model_specs(specs: list[str], templates: list[str]) -> tuple[dict[str, str],
     return models, chat_templates
 
 
-def eval_mtbench(models: dict[str, str], templates: dict[str, str], cfg: Any, answer_only: bool) -> tuple[dict, str]:
+def eval_mtbench(models: dict[str, str], templates: dict[str, str], cfg: EvalConfig,
+                 answer_only: bool) -> tuple[dict, str]:
     """Answer (and unless `answer_only`, judge) the question set with every model: the run's info and,
     when judged, the table of this judge's scores."""
     from evals.report import build_table
@@ -106,7 +116,7 @@ def eval_mtbench(models: dict[str, str], templates: dict[str, str], cfg: Any, an
     return info, table
 
 
-def eval_loss(specs: list[str], template_flags: list[str], cfg: Any) -> str:
+def eval_loss(specs: list[str], template_flags: list[str], cfg: EvalConfig) -> str:
     """Held-out loss per domain of every model (`--model`, `--chat-template` as `model_specs` reads
     them) on `cfg.data`, into `cfg.out`: the table."""
     from evals.loss import heldout_loss
@@ -127,8 +137,8 @@ def eval_report(out: str, models: list[str] | None, judge: str | None) -> tuple[
 
 
 def sample(prompts_file: str, limit: int | None, models: dict[str, str], templates: dict[str, str], out: str,
-           cfg: Any, log: Any = print) -> None:
-    """Sample every model's answers to the prompts into `out` (a `SampleConfig` `cfg`)."""
+           cfg: SampleConfig, log: Callable[[str], None] = print) -> None:
+    """Sample every model's answers to the prompts into `out`, telling `log` where each went."""
     import time
 
     from implicit.prompts import load_prompts
@@ -141,7 +151,8 @@ def sample(prompts_file: str, limit: int | None, models: dict[str, str], templat
         log(f"sample {name}: {len(prompts)} prompts -> {path} ({time.perf_counter() - t0:.1f} s)")
 
 
-def score(prompts_file: str, out: str, models: list[str], cfg: Any, chat_template: str | None) -> dict[str, list]:
+def score(prompts_file: str, out: str, models: list[str], cfg: ScoreConfig,
+          chat_template: str | None) -> dict[str, tuple[Path, list[float | None]]]:
     """Score the sampled answers of `models` (default: every answer file in `out`) with `cfg`'s
     scorer: {model: every answer's score (None: unscored)}, with the score file of each."""
     from implicit.files import ANSWER_DIR, score_rows
@@ -152,4 +163,4 @@ def score(prompts_file: str, out: str, models: list[str], cfg: Any, chat_templat
     if not models:
         raise PivotfuseError(f"{Path(out) / ANSWER_DIR}: no answer files to score (run `sample` first)")
     paths = score_answers(load_prompts(prompts_file), out, models, cfg, chat_template=chat_template)
-    return {name: [path, [s for r in score_rows(path) for s in r["scores"]]] for name, path in paths.items()}
+    return {name: (path, [s for r in score_rows(path) for s in r["scores"]]) for name, path in paths.items()}
