@@ -1,7 +1,7 @@
 """pivotfuse command line: a thin table from command names to the modules that implement them.
 
-Each module named here exposes `add_arguments(parser)` and `run(args) -> int | None`;
-it is imported only when its command runs, so `--help` stays fast.
+Each command is one adapter in `commands/` exposing `add_arguments(parser)` and
+`run(args) -> int | None`; it is imported only when its command runs, so `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from core.offline import force_offline
 
 # command -> (module, one-line help). Only commands that work are listed.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "world": ("world.cli", "build the offline demo world: corpus + pivot + source chat models"),
-    "merge": ("merge.cli", "merge models in parameter space: varm, sce, ties, dare, task arithmetic, linear"),
-    "extract": ("fuse.extract_cli", "store a model's top-k next-token log-probs over a chat corpus (resumable)"),
-    "run": ("core.run", "run a whole recipe: world → extract/align/fuse per source → merges → eval → report"),
-    "eval": ("evals.cli", "evaluate chat models: MT-Bench-style judging, held-out loss, report"),
-    "align": ("fuse.align_cli", "map a source model's vocabulary onto the pivot's over a chat corpus (MinED alignment)"),
-    "fuse": ("fuse.cli", "train target T_k: the pivot fused with one source (extract, align, MinCE targets, train)"),
-    "sample": ("implicit.sample_cli", "sample N answers per prompt from each source model (FastChat answer files, resumable)"),
-    "score": ("implicit.score_cli", "reward each sampled answer: reward model, LLM judge or verifier (resumable)"),
+    "world": ("commands.world", "build the offline demo world: corpus + pivot + source chat models"),
+    "merge": ("commands.merge", "merge models in parameter space: varm, sce, ties, dare, task arithmetic, linear"),
+    "extract": ("commands.extract", "store a model's top-k next-token log-probs over a chat corpus (resumable)"),
+    "run": ("commands.run", "run a whole recipe: world → extract/align/fuse per source → merges → eval → report"),
+    "eval": ("commands.eval", "evaluate chat models: MT-Bench-style judging, held-out loss, report"),
+    "align": ("commands.align", "map a source model's vocabulary onto the pivot's over a chat corpus (MinED alignment)"),
+    "fuse": ("commands.fuse", "train target T_k: the pivot fused with one source (extract, align, MinCE targets, train)"),
+    "sample": ("commands.sample", "sample N answers per prompt from each source model (FastChat answer files, resumable)"),
+    "score": ("commands.score", "reward each sampled answer: reward model, LLM judge or verifier (resumable)"),
 }
 
 

@@ -11,7 +11,7 @@ n×m grid, one `editdistance.eval` call per cell, and back-trace the path:
 * `lean`: the same recurrence written as tightly as plain Python allows: the normalised token
   texts pivotfuse uses, Python lists, the cost of a cell inlined. A stricter baseline than FuseLLM.
 
-pivotfuse runs `fuse.chat_align.align_chat` on the whole chat (template handling included). All
+pivotfuse runs `fuse.align.chat.align_chat` on the whole chat (template handling included). All
 times are CPU seconds measured in this run. The machine is shared and its speed drifts, so
 pivotfuse is timed *between* blocks of rows of the naive DPs, and its time is the median of those
 runs: both sides see the same conditions. Cold: its edit-distance cache emptied before each run;
@@ -44,11 +44,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from core.chat import render_chat, tokenize_chat  # noqa: E402
-from fuse import align as align_mod  # noqa: E402
-from fuse.chat_align import ChatTokens, _content_end, align_chat  # noqa: E402
-from fuse.coverage import Coverage  # noqa: E402
-from fuse.surface import TokenText  # noqa: E402
-from fuse.vocab import VocabMapBuilder  # noqa: E402
+from fuse.align import dp as align_dp  # noqa: E402
+from fuse.align.mined import align_tokens  # noqa: E402
+from fuse.align.chat import ChatTokens, content_end, align_chat  # noqa: E402
+from fuse.align.coverage import Coverage  # noqa: E402
+from fuse.align.surface import TokenText  # noqa: E402
+from fuse.align.vocab import VocabMapBuilder  # noqa: E402
 
 from core.assets import asset_dir  # noqa: E402
 NAMES = ("llama2", "llama3", "qwen3", "gemma3")
@@ -145,7 +146,7 @@ def replies(view: ChatTokens, tt: TokenText) -> list[tuple[list[str], list[str],
     spellings, offsets."""
     out = []
     for s, e in view.assistant_spans:
-        reply = view.text[s:_content_end(view.text, s, e, tt.tokenizer.eos_token)]
+        reply = view.text[s:content_end(view.text, s, e, tt.tokenizer.eos_token)]
         enc = tt.tokenizer(reply, add_special_tokens=False, return_offsets_mapping=True)
         out.append((tt.in_context(enc["input_ids"], enc["offset_mapping"], reply),
                     tt.tokenizer.convert_ids_to_tokens(enc["input_ids"]), enc["offset_mapping"]))
@@ -188,7 +189,7 @@ def main() -> None:
 
         def ours() -> None:
             for _ in range(2):  # the first run re-warms the CPU caches the naive DP's tables evicted
-                align_mod._CACHE.clear()
+                align_dp.clear_cache()
                 t0 = time.process_time()
                 align_chat(pv[0], sv[0], toks[p], toks[s])
             cold.append(time.process_time() - t0)
@@ -205,7 +206,7 @@ def main() -> None:
             t_fusellm += timed(fusellm_dtw(ra, rb, marker[p], marker[s]), ours)[0]
             t, cost = timed(lean_dp(a, b), ours)
             t_lean, naive = t_lean + t, naive + cost
-            ours_cost += align_mod.align_tokens(a, b, ao, bo).cost
+            ours_cost += align_tokens(a, b, ao, bo).cost
         gc.enable()
         builder, cov = VocabMapBuilder(toks[p], toks[s]), Coverage()
         for k in range(args.samples):  # coverage over every sample

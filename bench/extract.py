@@ -39,11 +39,13 @@ force_offline()  # before transformers/trl are imported: no Hub, no telemetry, w
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import fuse.extract as fx  # noqa: E402
+import fuse.extract.extract as fx  # noqa: E402
+from fuse.extract.config import DTYPES, ExtractJob  # noqa: E402
 from core.assets import asset_dir  # noqa: E402
 from core.chat import load_conversations  # noqa: E402
-from fuse.extract_score import score_batch  # noqa: E402, F401  (imported before timing starts)
-from fuse.store import LogitStore, StoreWriter, read_manifest  # noqa: E402
+from core.loading import load_tokenizer  # noqa: E402
+from fuse.extract.score import score_batch  # noqa: E402, F401  (imported before timing starts)
+from fuse.extract.store import LogitStore, StoreWriter, read_manifest  # noqa: E402
 
 INST = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
         "{% elif m['role'] == 'assistant' %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
@@ -102,7 +104,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512), ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=10), ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=1024), ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--dtype", default="auto", choices=fx.DTYPES)
+    ap.add_argument("--dtype", default="auto", choices=DTYPES)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
@@ -112,7 +114,7 @@ def main() -> None:
             build_model(model_dir, args.hidden, args.layers)
         if not args.data:
             build_data(data, args.n)
-        cfg = fx.ExtractConfig(model=str(model_dir), data=str(data), out=str(tmp / "store"), top_k=args.top_k,
+        cfg = ExtractJob(model=str(model_dir), data=str(data), out=str(tmp / "store"), top_k=args.top_k,
                                batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype,
                                shard_size=2 * args.batch_size)  # timing units of two batches
         from accelerate import PartialState
@@ -120,11 +122,11 @@ def main() -> None:
 
         # The store as the command writes it (default shard size) gives the bytes; a store with small shards
         # gives the timing units (its shards are rewritten below).
-        sized = fx.ExtractConfig(**{**cfg.__dict__, "out": str(tmp / "sized"), "shard_size": 256})
+        sized = ExtractJob(**{**cfg.__dict__, "out": str(tmp / "sized"), "shard_size": 256})
         fx.extract(sized)
         fx.extract(cfg)
         writer = StoreWriter(Path(cfg.out), read_manifest(Path(cfg.out)))
-        tok = fx.load_tokenizer(cfg.model)
+        tok = load_tokenizer(cfg.model, model=True, fast=True)
         template = fx.resolve_template(tok, cfg)
         convs = load_conversations(cfg.data)
         shards = []  # per shard: the exact batches the extraction loop forms, for the bare forward
@@ -143,12 +145,12 @@ def main() -> None:
         t_ext = np.full((args.repeats, len(shards)), np.inf)
         quiet = tqdm(disable=True)
         forward_pass(model, shards[0][:1], pad_id)  # warm-up; and the scoring path's one-off self-check
-        fx._extract_shard(writer, 0, convs, model, tok, template, cfg, quiet)
+        fx.extract_shard(writer, 0, convs, model, tok, template, cfg, quiet)
         for r in range(args.repeats):
             for s, sh in enumerate(shards):
                 t_fwd[r, s] = forward_pass(model, sh, pad_id)
                 start = time.perf_counter()
-                fx._extract_shard(writer, s, convs, model, tok, template, cfg, quiet)
+                fx.extract_shard(writer, s, convs, model, tok, template, cfg, quiet)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 t_ext[r, s] = time.perf_counter() - start

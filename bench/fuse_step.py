@@ -34,8 +34,8 @@ force_offline()  # before transformers/trl are imported: no Hub, no telemetry, w
 
 import torch  # noqa: E402
 
-from fuse.loss import fusion_loss  # noqa: E402
-from fuse.trainer import FusionCollator, fusion_step_loss  # noqa: E402
+from fuse.train.loss import fusion_loss  # noqa: E402
+from fuse.train.trainer import FusionCollator, fusion_step_loss  # noqa: E402
 
 VARIANTS = ("sft", "sft_hf", "fuse", "dense")
 LAM, T = 0.9, 1.0

@@ -25,6 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.atomic import publish_folder
 from core.errors import PivotfuseError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,9 +147,7 @@ def fetch(names: list[str] | None = None, root: Path | None = None, log=print) -
             _unpack(_download(asset, work), asset, staged)
             final = root / asset.folder
             final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                shutil.rmtree(final)  # a partial or stale copy: every file is replaced together
-            staged.rename(final)
+            publish_folder(staged, final)  # a partial or stale copy: every file is replaced together
     return root
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from core.atomic import write_with
 from core.errors import PivotfuseError
 from core.files import read_jsonl
 
@@ -116,12 +117,12 @@ def load_conversations(source: str | Path, split: str = "train", limit: int | No
 
 def write_conversations(convs: Iterable[Conversation], path: str | Path) -> None:
     """Write chats as JSONL (`id`, `domain`, `messages`), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
+    def write(fh: Any) -> None:
         for c in convs:
-            fh.write(json.dumps({"id": c.id, "domain": c.domain, "messages": c.messages}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+            fh.write((json.dumps({"id": c.id, "domain": c.domain, "messages": c.messages}, ensure_ascii=False)
+                      + "\n").encode("utf-8"))
+
+    write_with(path, write)
 
 
 def end_of_turn_tokens(tokenizer: Any) -> list[str]:
@@ -176,6 +177,28 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], chat_template: s
         spans.append((start, end))
         pos = end
     return RenderedChat(text=text, assistant_spans=spans)
+
+
+def reply_end(text: str, start: int, end: int, enders: Iterable[str]) -> int:
+    """End of the reply text in the assistant span [start, end) of `text`: before the end-of-turn
+    token closing it (the longest of `enders` the span ends with) and the whitespace a template
+    puts before that token (Llama-2's `reply </s>`).
+
+    The one definition of an assistant reply's text, the same characters under every template:
+    pairing, alignment, per-character losses and the demo world all count by it. Callers pass the
+    enders their step recognises: the template's end-of-turn tokens (`end_of_turn_tokens`), or,
+    for the token alignment, the tokenizer's EOS alone (what it has always stripped: a change would
+    change every vocabulary map)."""
+    hit = next((t for t in sorted((t for t in enders if t), key=len, reverse=True) if text.endswith(t, start, end)),
+               None)
+    if hit:
+        end -= len(hit)
+    return start + len(text[start:end].rstrip())
+
+
+def reply_ranges(rendered: RenderedChat, enders: Iterable[str]) -> list[tuple[int, int]]:
+    """[start, end) of the reply text of each assistant span of a rendered chat (`reply_end`)."""
+    return [(s, reply_end(rendered.text, s, e, enders)) for s, e in rendered.assistant_spans]
 
 
 def token_in_spans(start: int, end: int, text: str, spans: list[tuple[int, int]]) -> bool:

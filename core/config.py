@@ -199,16 +199,19 @@ def apply_overrides(data: dict, overrides: list[str], src: str = "--set") -> dic
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-                section: str | None = None) -> T:
-    """Load `cls` from a YAML file (optionally one top-level `section` of it) plus overrides."""
+                section: str | None = None, args: argparse.Namespace | None = None) -> T:
+    """The one loader of a config section, as every command reads its own: the top-level `section`
+    of YAML file `path` (the whole file when None; nothing without a file), then the `--set`
+    overrides (keys relative to what is loaded), then the flags of `args` that were given, validated
+    once at the end. Errors name the file, else 'command line' (flags) or '--set', and the key."""
     data = load_yaml(path) if path else {}
-    src = str(path) if path else "--set"
     if section is not None:
         data = data.get(section) or {}
         if not isinstance(data, dict):
-            raise PivotfuseError(f"{src}: '{section}' must be a mapping")
-    apply_overrides(data, overrides or [], src)
-    return from_dict(cls, data, src=src, prefix=f"{section}." if section else "")
+            raise PivotfuseError(f"{path or '--set'}: '{section}' must be a mapping")
+    apply_overrides(data, overrides or [], "--set")
+    src = str(path) if path else ("command line" if args is not None else "--set")
+    return from_dict(cls, {**data, **given(cls, args)} if args is not None else data, src=src)
 
 
 def _flag_type(tp: Any) -> tuple[Any, bool]:
@@ -255,12 +258,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         parser.add_argument(flag, **kw)
 
 
+def given(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields of `cls` whose flags were given (an ungiven flag is None, see `add_arguments`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+
+
 def from_args(cls: type[T], args: argparse.Namespace, base: dict | None = None,
               src: str = "command line") -> T:
     """Build `cls` from a dict (e.g. a recipe section) overlaid with the flags that were given."""
-    data = dict(base or {})
-    for f in dataclasses.fields(cls):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            data[f.name] = value
-    return from_dict(cls, data, src=src)
+    return from_dict(cls, {**(base or {}), **given(cls, args)}, src=src)

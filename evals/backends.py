@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import PivotfuseError
-from core.files import brief, decode_utf8, read_text
-from core.paths import refuse_file_as_folder
+from core.files import brief, decode_utf8
+from core.loading import chat_template as chat_template_for
+from core.loading import load_causal_lm, load_tokenizer, refuse_file_as_folder
 from evals.config import EvalConfig
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -114,23 +115,13 @@ class LocalChatModel:
 
     def __init__(self, ref: ModelRef, cfg: EvalConfig, chat_template: str | None = None) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.name, self.cfg = ref.name, cfg
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(ref.target)
-        except Exception as e:  # noqa: BLE001 - any load failure is a bad folder
-            raise PivotfuseError(f"{ref.name}: cannot load the tokenizer from {ref.target} ({e})") from None
-        self.template = read_text(chat_template) if chat_template else self.tokenizer.chat_template
-        if not self.template:
-            raise PivotfuseError(f"{ref.name}: tokenizer at {ref.target} has no chat template "
-                                 "(pass --chat-template NAME=FILE)")
+        self.tokenizer = load_tokenizer(ref.target, name=ref.name)
+        self.template = chat_template_for(self.tokenizer, chat_template, f"{ref.name}: tokenizer at {ref.target}",
+                                          "--chat-template NAME=FILE")
         device_map = cfg.device_map if torch.cuda.is_available() else None
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(ref.target, dtype=cfg.dtype, device_map=device_map)
-        except Exception as e:  # noqa: BLE001
-            raise PivotfuseError(f"{ref.name}: cannot load the model from {ref.target} ({e})") from None
-        self.model.eval()
+        self.model = load_causal_lm(ref.target, dtype=cfg.dtype, device_map=device_map, name=ref.name)
         gen_eos = self.model.generation_config.eos_token_id
         ids = [self.tokenizer.eos_token_id] + (gen_eos if isinstance(gen_eos, list) else [gen_eos])
         self.eos_ids = sorted({i for i in ids if i is not None})

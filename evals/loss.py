@@ -18,33 +18,28 @@ from typing import Any
 
 from tqdm import tqdm
 
-from core.chat import Conversation, load_conversations, render_chat, tokenize_chat
+from core.atomic import write_text
+from core.chat import Conversation, end_of_turn_tokens, load_conversations, render_chat, reply_ranges, tokenize_chat
 from core.errors import PivotfuseError
-from core.files import brief, is_number, need, read_json, read_text
+from core.files import brief, is_number, need, read_json
+from core.loading import load_causal_lm, load_tokenizer, read_chat_template
+from core.logits import final_hidden, head_logits, head_path_known_bad, head_path_ok
 from evals.backends import parse_spec
 from evals.config import EvalConfig
 
 UNIT = "bits per byte of assistant text (UTF-8), end-of-turn token included in the numerator"
 
 
-def _reply_spans(conv: Conversation, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """[start, end) of each reply's text (render_chat's spans also hold the EOS after it)."""
-    replies = [m["content"].strip() for m in conv.messages if m["role"] == "assistant" and m["content"].strip()]
-    return [(s, s + len(r)) for (s, _), r in zip(spans, replies)]
-
-
-_LOGIT_POSTPROCESS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
 def _scored_logits(model: Any, ids: Any, attn: Any, target: Any) -> Any:
     """Logits at the positions that predict a scored token, (N, V). The LM head runs on those
-    rows only (with a 150k vocabulary the full (B, T, V) logits dominate the time); models
-    that transform logits after the head (soft-capping, scaling) take the plain full path."""
-    head = model.get_output_embeddings()
-    if head is None or any(getattr(model.config, k, None) for k in _LOGIT_POSTPROCESS):
-        return model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][target]
-    hidden = model.base_model(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state  # (B, T, H)
-    return head(hidden[:, :-1][target])
+    rows only (with a 150k vocabulary the full (B, T, V) logits dominate the time), where that
+    gives the model's own logits (`core.logits`); else the plain full path."""
+    scored = bool(target.any())
+    hidden = final_hidden(model, ids, attn) if scored and not head_path_known_bad(model) else None
+    seq = int(target.any(dim=1).int().argmax())  # a sequence with scored rows to check the path on
+    if scored and head_path_ok(model, ids, attn, hidden, target[seq].nonzero()[:, 0].cpu().numpy(), seq):
+        return head_logits(model, hidden[:, :-1][target])
+    return model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][target]
 
 
 def chat_losses(model: Any, tokenizer: Any, convs: list[Conversation], *, max_length: int, batch_size: int,
@@ -54,11 +49,12 @@ def chat_losses(model: Any, tokenizer: Any, convs: list[Conversation], *, max_le
     import torch.nn.functional as F
 
     items = []
+    enders = end_of_turn_tokens(tokenizer)
     for conv in convs:
         rendered = render_chat(tokenizer, conv.messages, chat_template)
         tok = tokenize_chat(tokenizer, rendered, max_length)
         cut = tok.offsets[-1][1] if tok.truncated else len(rendered.text)
-        texts = [rendered.text[s:min(e, cut)] for s, e in _reply_spans(conv, rendered.assistant_spans) if s < cut]
+        texts = [rendered.text[s:min(e, cut)] for s, e in reply_ranges(rendered, enders) if s < cut]
         items.append((tok, sum(len(t.encode("utf-8")) for t in texts), sum(len(t) for t in texts)))
     results: list[dict[str, float]] = [{} for _ in convs]
     order = sorted(range(len(items)), key=lambda i: len(items[i][0].input_ids))
@@ -146,7 +142,6 @@ def heldout_loss(models: dict[str, str], data_path: str | Path, cfg: EvalConfig 
     in it for the same data and max_length is not recomputed.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = cfg or EvalConfig()
     convs = load_conversations(data_path)
@@ -164,14 +159,10 @@ def heldout_loss(models: dict[str, str], data_path: str | Path, cfg: EvalConfig 
         if ref.kind != "local":
             raise PivotfuseError(f"{name}: held-out loss needs a local model folder, not an endpoint ({spec})")
         template_file = (chat_templates or {}).get(name)
-        tokenizer = AutoTokenizer.from_pretrained(ref.target)
-        template = read_text(template_file) if template_file else None
+        tokenizer = load_tokenizer(ref.target, name=name)
+        template = read_chat_template(template_file)
         device_map = cfg.device_map if torch.cuda.is_available() else None
-        try:
-            model = AutoModelForCausalLM.from_pretrained(ref.target, dtype=cfg.dtype, device_map=device_map)
-        except Exception as e:  # noqa: BLE001 - any load failure is a bad folder
-            raise PivotfuseError(f"{name}: cannot load the model from {ref.target} ({e})") from None
-        model.eval()
+        model = load_causal_lm(ref.target, dtype=cfg.dtype, device_map=device_map, name=name)
         limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
         max_length = min(cfg.max_length, limit or cfg.max_length)
         losses = chat_losses(model, tokenizer, convs, max_length=max_length, batch_size=cfg.batch_size,
@@ -181,8 +172,6 @@ def heldout_loss(models: dict[str, str], data_path: str | Path, cfg: EvalConfig 
         if path:
             done[name] = table[name]
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps({"data": str(data_path), "max_length": cfg.max_length, "unit": UNIT,
-                                       "models": done}, indent=1))
-            tmp.replace(path)
+            write_text(path, json.dumps({"data": str(data_path), "max_length": cfg.max_length, "unit": UNIT,
+                                         "models": done}, indent=1))
     return table

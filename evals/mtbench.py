@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from core.atomic import write_text
 from core.errors import PivotfuseError
 from core.files import brief, is_int, is_number, is_str_list, need, read_jsonl_resumable
 from evals.config import FASTCHAT_TEMPERATURES, REFERENCE_CATEGORIES, EvalConfig
@@ -62,7 +63,8 @@ def judge_messages(prompt: dict, question: dict, answer: list[str], reference: l
     return user, messages + [{"role": "user", "content": user}]
 
 
-def _qkey(qid: Any) -> tuple:
+def question_order(qid: Any) -> tuple:
+    """Sort key of question ids: integers before strings (FastChat ids may be either)."""
     return (isinstance(qid, str), qid)
 
 
@@ -134,12 +136,11 @@ def model_answers(out: Path, models: list[str], questions: list[dict]) -> dict[s
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _append(path: Path, rows: list[dict]) -> None:
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append JSONL rows as they complete (a rerun resumes from what is on disk)."""
     with path.open("a", encoding="utf-8") as fh:
         fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         fh.flush()
@@ -174,12 +175,12 @@ def generate_answers(questions: list[dict], backend: Any, out: str | Path, cfg: 
                     for i, reply in zip(live, replies):
                         convs[i].append({"role": "assistant", "content": reply})
                         turns[i].append(reply)
-                _append(path, [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex[:22],
+                append_rows(path, [{"question_id": q["question_id"], "answer_id": uuid.uuid4().hex[:22],
                                 "model_id": backend.name, "choices": [{"index": 0, "turns": t}],
                                 "tstamp": time.time()} for q, t in zip(chunk, turns)])
                 bar.update(len(chunk))
     rows = {r["question_id"]: r for r in load_answers(path)}  # last row per question wins
-    write_rows(path, [rows[k] for k in sorted(rows, key=_qkey)])
+    write_rows(path, [rows[k] for k in sorted(rows, key=question_order)])
     return path
 
 
@@ -207,12 +208,12 @@ def make_matches(questions: list[dict], models: list[str], answers: dict[str, di
 def check_references(questions: list[dict], references: dict[Any, list[str]] | None) -> None:
     """Every reference-graded question (math, reasoning, coding, demo skills) needs a reference."""
     for q in questions:
-        if q["category"] in REFERENCE_CATEGORIES and _reference(q, references) is None:
+        if q["category"] in REFERENCE_CATEGORIES and reference_for(q, references) is None:
             raise PivotfuseError(f"question {q['question_id']} ({q['category']}) needs a reference answer: "
                                  "give it a 'reference' field or pass --reference FILE")
 
 
-def _reference(q: dict, references: dict[Any, list[str]] | None) -> list[str] | None:
+def reference_for(q: dict, references: dict[Any, list[str]] | None) -> list[str] | None:
     """A given reference file wins (FastChat judges MT-Bench with reference_answer/gpt-4.jsonl even
     though its question.jsonl also carries `reference` fields); else the question's own field."""
     if references and q["question_id"] in references:
@@ -239,15 +240,15 @@ def judge_answers(questions: list[dict], models: list[str], judge: Any, out: str
     with tqdm(total=len(todo), desc=f"judge {judge.name}", unit="judgment", disable=not todo) as bar:
         for chunk in _chunks(todo, size):
             built = [judge_messages(prompts[role], q, answers[m][q["question_id"]]["choices"][0]["turns"],
-                                    _reference(q, references), multi) for q, m, role, multi in chunk]
+                                    reference_for(q, references), multi) for q, m, role, multi in chunk]
             replies = judge.chat([msgs for _, msgs in built], 0.0, cfg.judge_max_tokens)
             rows = []
             for (q, m, role, multi), (user, _), judgment in zip(chunk, built, replies):
                 rows.append({"question_id": q["question_id"], "model": m, "judge": [judge.name, prompts[role]["name"]],
                              "user_prompt": user, "judgment": judgment, "score": parse_rating(judgment),
                              "turn": 2 if multi else 1, "tstamp": time.time()})
-            _append(path, rows)
+            append_rows(path, rows)
             bar.update(len(chunk))
     rows = {key(r["question_id"], r["model"], r["judge"][1], r["turn"]): r for r in load_judgments(path)}
-    write_rows(path, sorted(rows.values(), key=lambda r: (r["model"], r["turn"], _qkey(r["question_id"]))))
+    write_rows(path, sorted(rows.values(), key=lambda r: (r["model"], r["turn"], question_order(r["question_id"]))))
     return path

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from core.errors import PivotfuseError
 from evals.config import REFERENCE_CATEGORIES
-from evals.mtbench import _append, _qkey, _reference, check_references, load_judgments, model_answers, write_rows
+from evals.mtbench import (append_rows, check_references, load_judgments, model_answers, question_order,
+                           reference_for, write_rows)
 
 JUDGE_NAME = "reference"
 KEY_PROMPT = "reference-key-v1"  # key answer, else F1 (capped at 9): reference categories
@@ -122,7 +123,7 @@ def check_reference_judge(questions: list[dict], references: dict[Any, list[str]
     """Fail before answering: reference categories need a reference for every turn."""
     check_references(questions, references)
     for q in questions:
-        ref = _reference(q, references)
+        ref = reference_for(q, references)
         if q["category"] in REFERENCE_CATEGORIES and len(ref) < len(q["turns"]):
             raise PivotfuseError(f"question {q['question_id']} ({q['category']}) has {len(q['turns'])} turns but "
                                  f"{len(ref)} reference answer(s): the reference judge needs one per turn")
@@ -156,7 +157,7 @@ def judge_by_reference(questions: list[dict], models: list[str], out: str | Path
         for q in questions:
             if len(q["turns"]) < turn:
                 continue
-            ref = _reference(q, references) or []
+            ref = reference_for(q, references) or []
             if len(ref) < turn:
                 skipped[q["category"]] += len(models)
                 continue
@@ -166,14 +167,14 @@ def judge_by_reference(questions: list[dict], models: list[str], out: str | Path
         for start in range(0, len(todo), 256):  # appended in blocks: an interrupted pass resumes
             rows = []
             for q, m, prompt, turn in todo[start:start + 256]:
-                qt, rt = q["turns"][turn - 1], _reference(q, references)[turn - 1]
+                qt, rt = q["turns"][turn - 1], reference_for(q, references)[turn - 1]
                 at = answers[m][q["question_id"]]["choices"][0]["turns"][turn - 1]
                 score, judgment = grade(qt, rt, at, use_key=prompt == KEY_PROMPT)
                 rows.append({"question_id": q["question_id"], "model": m, "judge": [JUDGE_NAME, prompt],
                              "user_prompt": user_prompt(qt, rt, at), "judgment": judgment, "score": score,
                              "turn": turn, "tstamp": time.time()})
-            _append(path, rows)
+            append_rows(path, rows)
             bar.update(len(rows))
     rows = {key(r["question_id"], r["model"], r["judge"][1], r["turn"]): r for r in load_judgments(path)}
-    write_rows(path, sorted(rows.values(), key=lambda r: (r["model"], r["turn"], _qkey(r["question_id"]))))
+    write_rows(path, sorted(rows.values(), key=lambda r: (r["model"], r["turn"], question_order(r["question_id"]))))
     return path, {"skipped": dict(skipped), "rows": len(rows)}

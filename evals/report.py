@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from core.atomic import write_text, write_with
 from core.errors import PivotfuseError
 from evals.loss import read_loss_file
 from evals.mtbench import load_judgments
@@ -116,10 +117,8 @@ def plot(data: dict, path: str | Path) -> None:
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).stem + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_with(path, lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_report(out: str | Path, models: list[str] | None = None, judge: str | None = None) -> tuple[Path, Path]:
@@ -127,8 +126,6 @@ def write_report(out: str | Path, models: list[str] | None = None, judge: str | 
     out = Path(out)
     md, data = build_table(out, models, judge)
     md_path, png_path = out / "report.md", out / "report.png"
-    tmp = md_path.with_name("report.md.tmp")
-    tmp.write_text("# pivotfuse evaluation\n\n" + md)
-    tmp.replace(md_path)
+    write_text(md_path, "# pivotfuse evaluation\n\n" + md)
     plot(data, png_path)
     return md_path, png_path

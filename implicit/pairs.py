@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.atomic import write_text
 from core.config import field
 from core.errors import PivotfuseError
-from implicit.files import answer_path, read_rows, score_path
+from implicit.files import answer_path, check_answer_row, check_score_row, read_rows, score_path
 from implicit.prompts import Prompt, key
 
 GAP_TOLERANCE = 1e-9  # the window's ends are included despite float noise (0.31 - 0.21 != 0.1)
@@ -228,9 +229,9 @@ def _section(rows: int, outcome: Counter, by_source: Counter) -> dict[str, Any]:
 def load_candidates(out: str | Path, scorer: str, model: str) -> tuple[dict[str, list[Candidate]], Counter]:
     """A model's usable answers per prompt key, from its answer and score files, and the counts of
     answers that take no part. Scores must be for the answers on disk (else: score again)."""
-    answers = read_rows(answer_path(out, model), f"answers of {model}")
+    answers = read_rows(answer_path(out, model), f"answers of {model}", check_answer_row)
     spath = score_path(out, scorer, model)
-    scores = {key(r["question_id"]): r for r in read_rows(spath, f"scores of {model} by {scorer}")}
+    scores = {key(r["question_id"]): r for r in read_rows(spath, f"scores of {model} by {scorer}", check_score_row)}
     cands, counts = {}, Counter()
     for row in answers:
         k = key(row["question_id"])
@@ -250,9 +251,7 @@ def load_candidates(out: str | Path, scorer: str, model: str) -> tuple[dict[str,
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def build_preference_data(prompts: list[Prompt], samples: str | Path, scorer: str, sources: list[str],
@@ -284,7 +283,5 @@ def build_preference_data(prompts: list[Prompt], samples: str | Path, scorer: st
     _write_jsonl(out / "dpo.jsonl", built["dpo"])
     if built["wrpo"] is not None:
         _write_jsonl(out / "wrpo.jsonl", built["wrpo"])
-    tmp = out / "build_report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    tmp.replace(out / "build_report.json")
+    write_text(out / "build_report.json", json.dumps(report, indent=1) + "\n")
     return report

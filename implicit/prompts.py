@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.chat import load_conversations, read_jsonl
+from core.chat import load_conversations
 from core.errors import PivotfuseError
+from core.files import read_jsonl
 
 
 @dataclass

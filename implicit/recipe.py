@@ -3,7 +3,7 @@
 Sections: `out`, `target` (the model trained: SFT, then DPO or WRPO), `sources` (each a local folder
 or an `openai:MODEL[@URL]` endpoint, with optional per-source sampling settings), `data.prompts`,
 and the phases `sample`, `score`, `pairs`, `sft`, `dpo`, `wrpo` (the dataclasses of
-`implicit.sample`, `.score`, `.pairs`, `.config`). `load_implicit_recipe(..., check_paths=False)`
+`implicit.config` and `implicit.pairs`). `load_implicit_recipe(..., check_paths=False)`
 validates the schema only (a GPU recipe on a machine without its models).
 """
 
@@ -15,10 +15,8 @@ from pathlib import Path
 from core.config import apply_overrides, field, from_dict, load_yaml
 from core.errors import PivotfuseError
 from evals.backends import parse_spec
-from implicit.config import DPOTrainConfig, SFTTrainConfig, WRPOTrainConfig
+from implicit.config import DPOTrainConfig, SampleConfig, ScoreConfig, SFTTrainConfig, WRPOTrainConfig, with_overrides
 from implicit.pairs import PairConfig
-from implicit.sample import SampleConfig, with_overrides
-from implicit.score import ScoreConfig
 
 
 @dataclass

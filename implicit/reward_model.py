@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from core.errors import PivotfuseError
+from core.loading import read_chat_template
 from evals.backends import parse_spec
 from implicit.prompts import Prompt
 
@@ -40,7 +41,7 @@ class RewardModelScorer:
         except Exception as e:  # noqa: BLE001 - any load failure is a bad folder
             raise PivotfuseError(f"reward model {ref.target}: cannot load a sequence-classification model ({e})") from None
         self.model.eval()
-        self.template = Path(chat_template).read_text() if chat_template else self.tokenizer.chat_template
+        self.template = read_chat_template(chat_template) if chat_template else self.tokenizer.chat_template
         if not self.template:
             raise PivotfuseError(f"reward model {ref.target}: its tokenizer has no chat template (pass one)")
         labels = getattr(self.model.config, "num_labels", 1)

@@ -14,52 +14,19 @@ uninterrupted one. `answer_id` is a hash of the answers, so scores can tell stal
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from core.config import field
-from evals.mtbench import _append
-from implicit.backend import BackendConfig, open_backend
-from implicit.files import answer_path, check_name, check_settings, finish, load_rows
+from evals.mtbench import append_rows
+from implicit.backend import open_backend
+from implicit.config import SampleConfig
+from implicit.files import answer_path, answer_rows, check_answer_row, check_name, check_settings, finish
 from implicit.prompts import Prompt, key
-
-
-@dataclass
-class SampleConfig(BackendConfig):
-    """How each source answers the prompts (FuseChat-3.0: 5 samples, 8 for code; temperature 0.8, top-p 0.95)."""
-
-    n: int = field(5, help="answers sampled per prompt")
-    n_by_category: dict[str, int] = field(default_factory=dict, help="answers per prompt for some categories "
-                                                                     "(FuseChat-3.0: {code: 8})")
-    temperature: float = field(0.8, help="sampling temperature (0 = greedy: then n must be 1)")
-    top_p: float = field(0.95, help="nucleus sampling: keep the smallest token set with this much probability")
-    max_new_tokens: int = field(1024, help="answer length limit in tokens")
-    seed: int = field(0, help="base seed: each chunk of prompts gets its own seed derived from it")
-    system_prompt: str | None = field(None, help="system message put before each prompt (default: none)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.n <= 0:
-            raise ValueError(f"n: must be > 0, got {self.n}")
-        for cat, n in self.n_by_category.items():
-            if n <= 0:
-                raise ValueError(f"n_by_category.{cat}: must be > 0, got {n}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0, got {self.temperature}")
-        if self.temperature <= 1e-4 and max([self.n, *self.n_by_category.values()]) > 1:
-            raise ValueError("temperature: several answers per prompt need temperature > 0 "
-                             "(greedy answers would all be the same)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens: must be > 0, got {self.max_new_tokens}")
 
 
 def samples_for(prompt: Prompt, cfg: SampleConfig) -> int:
@@ -121,16 +88,16 @@ def sample_answers(prompts: list[Prompt], model: Any, out: str | Path, cfg: Samp
                     "temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens,
                     "seed": cfg.seed, "system_prompt": cfg.system_prompt, "chunk_prompts": cfg.chunk_prompts}
         check_settings(path.with_name(f"{name}.settings.json"), settings, f"answers of {name}")
-        done = {key(r["question_id"]): r for r in load_rows(path) if "question_id" in r}
+        done = {key(r["question_id"]): r for r in answer_rows(path)}
         chunks = [prompts[i:i + cfg.chunk_prompts] for i in range(0, len(prompts), cfg.chunk_prompts)]
         todo = [c for c in chunks if any(p.key not in done or not _complete(done[p.key], samples_for(p, cfg))
                                          for p in c)]
         with tqdm(total=sum(len(c) for c in todo), desc=f"sample {name}", unit="prompt", disable=not todo) as bar:
             for chunk in todo:
-                _append(path, sample_chunk(backend, name, chunk, cfg))
+                append_rows(path, sample_chunk(backend, name, chunk, cfg))
                 bar.update(len(chunk))
         if path.is_file():
-            finish(path, [p.key for p in prompts], lambda r: key(r["question_id"]))
+            finish(path, [p.key for p in prompts], lambda r: key(r["question_id"]), check_answer_row)
         truncated = getattr(backend, "truncated", 0)
         if truncated:
             print(f"{name}: {truncated} prompts were cut on the left to fit the context")
@@ -138,8 +105,3 @@ def sample_answers(prompts: list[Prompt], model: Any, out: str | Path, cfg: Samp
     finally:
         if opened:
             backend.close()
-
-
-def with_overrides(cfg: SampleConfig, **values: Any) -> SampleConfig:
-    """`cfg` with some fields replaced (None = keep), checked again: per-source sampling settings."""
-    return dataclasses.replace(cfg, **{k: v for k, v in values.items() if v is not None})

@@ -17,56 +17,21 @@ kept on a rerun (resume); answers that changed are scored again.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from core.config import field
 from core.errors import PivotfuseError
 from evals.config import REFERENCE_CATEGORIES
-from evals.mtbench import _append, judge_messages, parse_rating
+from evals.mtbench import append_rows, judge_messages, parse_rating
 from evals.questions import builtin_judge_prompts, load_judge_prompts
-from implicit.backend import BackendConfig, open_backend
-from implicit.files import answer_path, check_name, check_settings, finish, load_rows, read_rows, score_path
+from implicit.backend import open_backend
+from implicit.config import ScoreConfig
+from implicit.files import (answer_path, check_answer_row, check_name, check_score_row, check_settings, finish,
+                            read_rows, score_path, score_rows)
 from implicit.prompts import Prompt, key
-from implicit.verify import CHECKERS, Checker, make_checker
-
-SCORERS = ("reward_model", "judge", "verifier")
-
-
-@dataclass
-class ScoreConfig(BackendConfig):
-    """Which scorer rewards the answers, and its settings."""
-
-    scorer: str = field("reward_model", choices=SCORERS,
-                        help="reward_model (HF sequence-classification folder), judge (LLM, FastChat single-answer "
-                             "grading) or verifier (exact check of the answer)")
-    reward_model: str | None = field(None, help="reward model: [NAME=]FOLDER (FuseChat-3.0: ArmoRM-Llama3-8B-v0.1)")
-    judge: str | None = field(None, help="judge: [NAME=]FOLDER or [NAME=]openai:MODEL[@BASE_URL]")
-    judge_prompts: str | None = field(None, help="FastChat judge_prompts.jsonl; default: pivotfuse's own prompts "
-                                                 "with the same semantics")
-    judge_max_tokens: int = field(2048, help="judgment length limit (FastChat: 2048)")
-    checker: str = field("world", choices=tuple(CHECKERS), help="verifier: which checker (implicit/verify.py)")
-    world_seed: int = field(0, help="verifier 'world': the seed of the demo world (its fact table)")
-    max_length: int = field(4096, help="reward model: tokens per chat (longer ones are cut at the end, and counted)")
-    label_index: int = field(0, help="reward model: which output of the head is the reward (models that return "
-                                     "a 'score' use it instead)")
-    trust_remote_code: bool = field(False, help="reward model: run the model folder's own code (ArmoRM needs it)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.scorer == "reward_model" and not self.reward_model:
-            raise ValueError("reward_model: the reward_model scorer needs a reward model folder")
-        if self.scorer == "judge" and not self.judge:
-            raise ValueError("judge: the judge scorer needs a judge (folder or openai:MODEL[@URL])")
-        for name in ("judge_max_tokens", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        if self.label_index < 0:
-            raise ValueError(f"label_index: must be >= 0, got {self.label_index}")
-
+from implicit.verify import Checker, make_checker
 
 class Scorer(Protocol):
     name: str
@@ -148,13 +113,13 @@ def make_scorer(cfg: ScoreConfig, chat_template: str | None = None) -> Scorer:
 
 def score_model(prompts: dict[str, Prompt], out: Path, model: str, scorer: Scorer, chunk_prompts: int) -> Path:
     """Score every answer row of `model` not yet scored (for its current answers)."""
-    answers = read_rows(answer_path(out, model), f"answers of {model}")
+    answers = read_rows(answer_path(out, model), f"answers of {model}", check_answer_row)
     unknown = [r["question_id"] for r in answers if key(r["question_id"]) not in prompts]
     if unknown:
         raise PivotfuseError(f"{answer_path(out, model)}: question_id {unknown[0]!r} is not among the prompts")
     path = score_path(out, scorer.name, model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {key(r["question_id"]): r["answer_id"] for r in load_rows(path) if "answer_id" in r}
+    done = {key(r["question_id"]): r["answer_id"] for r in score_rows(path)}
     todo = [r for r in answers if done.get(key(r["question_id"])) != r["answer_id"]]
     with tqdm(total=len(todo), desc=f"score {model} ({scorer.name})", unit="prompt", disable=not todo) as bar:
         for start in range(0, len(todo), chunk_prompts):
@@ -167,9 +132,9 @@ def score_model(prompts: dict[str, Prompt], out: Path, model: str, scorer: Score
                 scored.append({"question_id": r["question_id"], "model_id": model, "answer_id": r["answer_id"],
                                "scorer": scorer.name, "scores": [s for s, _ in got], "details": [d for _, d in got],
                                "tstamp": time.time()})
-            _append(path, scored)
+            append_rows(path, scored)
             bar.update(len(rows))
-    finish(path, [key(r["question_id"]) for r in answers], lambda r: key(r["question_id"]))
+    finish(path, [key(r["question_id"]) for r in answers], lambda r: key(r["question_id"]), check_score_row)
     return path
 
 

@@ -2,7 +2,7 @@
 
 Each takes a model folder, the rows `implicit.pairs` wrote (a JSONL path or a list of dicts) and an
 output folder, and trains with the device, dtype, LoRA and checkpointing choices of the fusion
-trainer (`fuse.trainer`): bf16 and gradient checkpointing by default on a GPU, fp32 master weights
+trainer (`fuse.train.trainer`): bf16 and gradient checkpointing by default on a GPU, fp32 master weights
 for full fine-tuning, LoRA adapters merged into a full-precision load of the input model, resume from
 the last complete checkpoint under `work/checkpoints`, `accelerate launch` for data parallelism (CPU
 too, over gloo). The output folder is written under a temporary name and renamed when complete; it
@@ -25,9 +25,11 @@ from typing import Any, Callable
 
 import torch
 
-from core.chat import read_jsonl
+from core.atomic import publish_folder, write_text
+from core.files import read_json, read_jsonl
 from core.errors import PivotfuseError
-from fuse.trainer import _CHECKPOINTING, _copy_tokenizer_files, _last_complete_checkpoint, _merge_lora, _pivot_dtype
+from core.loading import copy_tokenizer_files, load_causal_lm, load_tokenizer, read_chat_template, stored_dtype
+from fuse.train.trainer import CHECKPOINTING, last_complete_checkpoint, merge_lora
 from implicit.config import DPOTrainConfig, SFTTrainConfig, TrainConfig, WRPOTrainConfig
 
 SFT_COLUMNS = ("prompt", "completion")
@@ -60,8 +62,8 @@ def common_args(cfg: TrainConfig, output_dir: str, on_gpu: bool, bf16_ok: bool) 
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, bf16=bf16,
-        **{_CHECKPOINTING: checkpointing,
-           _CHECKPOINTING + "_kwargs": {"use_reentrant": False} if checkpointing else None},
+        **{CHECKPOINTING: checkpointing,
+           CHECKPOINTING + "_kwargs": {"use_reentrant": False} if checkpointing else None},
         seed=cfg.seed, data_seed=cfg.seed, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps, report_to=[],
         max_length=cfg.max_length, prediction_loss_only=True, dataloader_num_workers=0, disable_tqdm=False,
@@ -71,11 +73,9 @@ def common_args(cfg: TrainConfig, output_dir: str, on_gpu: bool, bf16_ok: bool) 
 
 
 def _tokenizer(model_dir: str, chat_template: str | None) -> Any:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     if chat_template:
-        tok.chat_template = Path(chat_template).read_text()
+        tok.chat_template = read_chat_template(chat_template)
     if not tok.chat_template:
         raise PivotfuseError(f"{model_dir}: the tokenizer has no chat template (pass chat_template=FILE)")
     if tok.pad_token is None:  # padding is masked out; any id will do
@@ -99,7 +99,6 @@ def _run(kind: str, model_dir: str, rows: list[dict], eval_rows: list[dict] | No
     """Load, train (resuming), evaluate before/after, save: the part the three phases share."""
     import datasets
     from accelerate import PartialState
-    from transformers import AutoModelForCausalLM
 
     t0 = time.perf_counter()
     if not Path(model_dir).is_dir():
@@ -111,10 +110,10 @@ def _run(kind: str, model_dir: str, rows: list[dict], eval_rows: list[dict] | No
     work = Path(work) if work is not None else out.with_name(out.name + ".work")
     ckpt_dir = work / "checkpoints"
     args = args_cls(**common_args(cfg, str(ckpt_dir), on_gpu, bf16_ok), **extra_args)
-    save_dtype = _pivot_dtype(model_dir) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    save_dtype = stored_dtype(model_dir) if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
     # Full fine-tuning keeps fp32 master weights (bf16 runs under autocast); a LoRA base is frozen.
     load_dtype = torch.bfloat16 if (cfg.lora and args.bf16) else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=load_dtype)
+    model = load_causal_lm(model_dir, dtype=load_dtype)
     # The trainers write the pad token and use_cache into the config: the output keeps the input's.
     saved_config = (model.config.pad_token_id, model.config.use_cache, model.generation_config.pad_token_id)
     tokenizer = _tokenizer(model_dir, chat_template)
@@ -123,14 +122,14 @@ def _run(kind: str, model_dir: str, rows: list[dict], eval_rows: list[dict] | No
     trainer = make_trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                            processing_class=tokenizer, peft_config=_lora(cfg), load_dtype=load_dtype)
     before_file = work / "loss_before.json"
-    last = _last_complete_checkpoint(ckpt_dir, state.is_main_process)
+    last = last_complete_checkpoint(ckpt_dir, state.is_main_process)
     if before_file.is_file():
-        before = json.loads(before_file.read_text())
+        before = read_json(before_file)
     else:  # measured once, on the untouched input model (a resumed run reuses it)
         before = trainer.evaluate()
         if state.is_main_process:
             work.mkdir(parents=True, exist_ok=True)
-            before_file.write_text(json.dumps(before, indent=1) + "\n")
+            write_text(before_file, json.dumps(before, indent=1) + "\n")
     trainer.train(resume_from_checkpoint=last)
     after = trainer.evaluate()
     result = {"kind": kind, "model": str(model_dir), "loss_before": before["eval_loss"],
@@ -145,21 +144,19 @@ def _run(kind: str, model_dir: str, rows: list[dict], eval_rows: list[dict] | No
             shutil.rmtree(tmp)
         final = trainer.accelerator.unwrap_model(trainer.model)
         if hasattr(final, "merge_and_unload"):  # LoRA: fold the adapters into the weights
-            final = _merge_lora(final, model_dir, load_dtype, save_dtype, work)
+            final = merge_lora(final, model_dir, load_dtype, save_dtype, work)
         final.config.pad_token_id, final.config.use_cache, final.generation_config.pad_token_id = saved_config
         final.to(save_dtype).save_pretrained(str(tmp), safe_serialization=True)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     if state.is_main_process:
         (tmp / "training_args.bin").unlink(missing_ok=True)
-        _copy_tokenizer_files(Path(model_dir), tmp)
+        copy_tokenizer_files(Path(model_dir), tmp)
         if chat_template:
             shutil.copyfile(chat_template, tmp / "chat_template.jinja")
         summary = {k: v for k, v in result.items() if k != "log_history"}
         (tmp / "implicit_train.json").write_text(json.dumps(
             {**summary, "config": dataclasses.asdict(cfg), "log_history": result["log_history"]}, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish_folder(tmp, out)
     state.wait_for_everyone()
     return result
 
@@ -184,11 +181,7 @@ def _reference(model_dir: str, cfg: TrainConfig, load_dtype: Any) -> Any:
     """The frozen reference: a copy of the input (SFT) model; none under LoRA (adapters off)."""
     if cfg.lora:
         return None
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=load_dtype)
-    ref.eval()
-    return ref
+    return load_causal_lm(model_dir, dtype=load_dtype)
 
 
 def train_dpo(model: str, data: str | Path | list[dict], out: str | Path, cfg: DPOTrainConfig,

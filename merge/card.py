@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from merge.config import MergeConfig
+from merge.registry import METHODS
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 PLOT_NAME = "merge_weights.png"
@@ -83,16 +84,11 @@ def write_card(folder: str | Path, summary: dict) -> None:
     (folder / CONFIG_NAME).write_text(yaml.safe_dump(job, sort_keys=False))
     weights = per_layer(summary["per_tensor"], "weights")
     kept = per_layer(summary["per_tensor"], "kept")
-    plotted = method in ("varm", "sce") and _plot(folder / PLOT_NAME, weights, names,
-                                                  f"{method}: per-layer merge weights")
-    used = {"varm": [], "sce": ["select_topk", "sce_mask"], "linear": ["weights", "normalize"],
-            "task_arithmetic": ["weights", "normalize", "scale"],
-            "ties": ["weights", "density", "normalize", "scale"],
-            "dare_ties": ["weights", "density", "rescale", "normalize", "scale", "seed"],
-            "dare_linear": ["weights", "density", "rescale", "normalize", "scale", "seed"]}[method]
-    opts = {k: cfg[k] for k in used}
+    spec = METHODS[method]
+    plotted = spec.self_weighted and _plot(folder / PLOT_NAME, weights, names, f"{method}: per-layer merge weights")
+    opts = {k: cfg[k] for k in spec.options}
     if "normalize" in opts and opts["normalize"] is None:
-        opts["normalize"] = f"default ({method in ('linear', 'ties')})"
+        opts["normalize"] = f"default ({spec.normalize})"
     lines = ["---", yaml.safe_dump({"base_model": summary["base"], "library_name": "transformers",
                                     "tags": ["merge", "pivotfuse", method]}, sort_keys=False).strip(), "---", "",
              f"# {Path(summary['out']).name}", "",

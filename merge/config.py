@@ -9,12 +9,9 @@ import re
 from dataclasses import dataclass
 
 from core.config import field
+from merge.registry import METHODS
 
-# Kept in sync with `merge.methods.METHODS` (a test checks it); listed here so the config
-# can validate names without importing torch.
-METHOD_NAMES = ("varm", "sce", "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
-# Methods that derive their own per-tensor weights: user weights would be silently ignored.
-SELF_WEIGHTED = ("varm", "sce")
+METHOD_NAMES = tuple(METHODS)  # `merge.registry`, the one list (torch-free: recipes load without torch)
 DTYPES = ("float32", "bfloat16", "float16")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
 
@@ -56,11 +53,13 @@ class MergeConfig:
     shard_size: str = field("5GB", help="largest output shard, e.g. 5GB or 500MB")
 
     def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method: must be one of {list(METHODS)}, got {self.method!r}")
         if not 0.0 < self.select_topk <= 1.0:
             raise ValueError(f"select_topk: must be in (0, 1], got {self.select_topk}")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"density: must be in (0, 1], got {self.density}")
-        if self.weights is not None and self.method in SELF_WEIGHTED:
+        if self.weights is not None and METHODS[self.method].self_weighted:
             raise ValueError(f"weights: {self.method} computes its own per-tensor weights; remove 'weights'")
         if self.weights is not None and self.method == "linear" and sum(self.weights) == 0 \
                 and self.normalize is not False:
@@ -73,7 +72,7 @@ class MergeConfig:
 
     def resolved_normalize(self) -> bool:
         """`normalize`, or mergekit 0.1.5's per-method default when it is not set."""
-        return self.normalize if self.normalize is not None else self.method in ("linear", "ties")
+        return self.normalize if self.normalize is not None else METHODS[self.method].normalize
 
 
 @dataclass(kw_only=True)

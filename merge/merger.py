@@ -1,5 +1,5 @@
 """The streaming merger: check every input's headers (names, shapes, tied heads) before any
-work, then run the read → merge → write pipeline (`merge.pipeline`) into a hidden
+work, then run the read → merge → write pipeline (`merge.stream`) into a hidden
 `.NAME.partial` folder next to `out`. Its planned shard layout and progress log let an
 interrupted merge resume where it stopped; it is renamed to `out` only when complete, with the
 base's config/tokenizer files and a model card. `merge_models` is the entry point.
@@ -8,7 +8,6 @@ base's config/tokenizer files and a model card. `merge_models` is the entry poin
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import shutil
@@ -18,14 +17,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from core.atomic import publish_folder, write_text
 from core.errors import PivotfuseError
+from core.fingerprint import file_stamp, json_sha
 from core.files import is_number_list, need, read_json, read_jsonl_resumable
-from core.paths import refuse_file_as_folder
+from core.loading import refuse_file_as_folder
 from merge import card, methods
 from merge.config import MergeConfig, parse_size
 from merge.io import SafetensorsReader, ShardedWriter, copy_aux_files
 from merge.parallel import compute_threads
-from merge.pipeline import Item, stream
+from merge.stream import Item, stream
 
 # Output heads that `tie_word_embeddings` models omit: a model without one uses its input embedding.
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
@@ -93,13 +94,8 @@ def plan_merge(base: SafetensorsReader, models: list[SafetensorsReader], dtype: 
 
 def _fingerprint(base: SafetensorsReader, models: list[SafetensorsReader], config: MergeConfig) -> str:
     """Same inputs (paths, sizes, mtimes) and options -> same partial output, safe to resume."""
-    files = []
-    for r in [base, *models]:
-        for f in sorted({i.file for i in r.infos.values()}):
-            st = f.stat()
-            files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
-    blob = json.dumps({"v": 1, "config": dataclasses.asdict(config), "files": files}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    files = [file_stamp(f, str(f.resolve())) for r in [base, *models] for f in sorted({i.file for i in r.infos.values()})]
+    return json_sha({"v": 1, "config": dataclasses.asdict(config), "files": files})
 
 
 def _check_paths(base: Path, models: list[Path], out: Path, overwrite: bool) -> None:
@@ -170,34 +166,19 @@ def _open_partial(tmp: Path, fingerprint: str) -> dict[str, dict]:
         except PivotfuseError as e:
             raise PivotfuseError(f"{e}; delete {tmp} to start the merge over") from None
     if torn:  # drop the torn line, so that this run's records start on a line of their own
-        _write_text(log, "".join(json.dumps(rec) + "\n" for _, rec in rows))
+        write_text(log, "".join(json.dumps(rec) + "\n" for _, rec in rows))
     if not resume and tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    _write_text(state, json.dumps({"fingerprint": fingerprint}))
+    write_text(state, json.dumps({"fingerprint": fingerprint}))
     return done
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write under a temporary name, then rename: a killed run never leaves half a state file."""
-    part = path.with_name(path.name + ".tmp")
-    part.write_text(text)
-    part.replace(path)
 
 
 def _publish(tmp: Path, out: Path) -> None:
     """Rename the complete `tmp` folder to `out` (swapping out an existing one for --overwrite)."""
     (tmp / _STATE).unlink()
     (tmp / _LOG).unlink()
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+    publish_folder(tmp, out)
 
 
 def _run(base_r: SafetensorsReader, readers: list[SafetensorsReader], items: list[Item], config: MergeConfig,

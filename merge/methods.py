@@ -13,11 +13,13 @@ compare each method with both).
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from merge import registry
 from merge.parallel import each
 from merge.select import Scores, topk_mask, variance_scores
 from merge.stack import Stack
@@ -46,28 +48,42 @@ class MethodResult:
 
 
 MergeFn = Callable[..., MethodResult]
+Put = Callable[[int, int, torch.Tensor], None]  # put(start, end, values): write a slice of the merged tensor
 METHODS: dict[str, MergeFn] = {}
 
 
+# Inputs of one call that a kernel may take besides its options: the tensor's name (DARE seeds its
+# masks with it, so reruns match).
+CONTEXT = ("key",)
+
+
 def register(name: str) -> Callable[[Callable], MergeFn]:
-    """Register `fn(stack, args, put) -> (weights, kept)` as method `name` (see `_wrap`)."""
+    """Register kernel `fn(stack, put, *, OPTIONS) -> (weights, kept)` as method `name` of
+    `merge.registry`: its keyword-only parameters must be the options declared there (plus any of
+    `CONTEXT`), and each call passes exactly those (see `_wrap`)."""
+    spec = registry.METHODS[name]
+
     def deco(fn: Callable) -> MergeFn:
-        METHODS[name] = _wrap(fn, task_vectors=name != "linear")
+        params = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        options = tuple(p for p in params if p not in CONTEXT)
+        if options != spec.options:
+            raise TypeError(f"merge method {name}: kernel options {options} differ from merge.registry's {spec.options}")
+        METHODS[name] = _wrap(fn, spec, tuple(p for p in params if p in CONTEXT))
         return fn
     return deco
 
 
-def _wrap(fn: Callable, task_vectors: bool) -> MergeFn:
+def _wrap(fn: Callable, spec: registry.Method, context: tuple[str, ...]) -> MergeFn:
     def method(base: torch.Tensor, models: torch.Tensor, args: MethodArgs,
                out: torch.Tensor | None = None) -> MethodResult:
         out = base if out is None else out
         flat = out.view(-1)
-        stack = Stack(base, models, task_vectors)
+        stack = Stack(base, models, spec.task_vectors)
 
         def put(s: int, e: int, value: torch.Tensor) -> None:
             flat[s:e] = value  # converts to out's dtype; base[s:e] is not read after this
 
-        weights, kept = fn(stack, args, put)
+        weights, kept = fn(stack, put, **{k: getattr(args, k) for k in spec.options + context})
         return MethodResult(out.view(base.shape), weights, kept)
     method.__doc__ = fn.__doc__
     return method
@@ -113,7 +129,7 @@ def _elect(x: torch.Tensor, w_num: torch.Tensor | None, w_den: torch.Tensor
 
 
 @register("varm")
-def varm(st: Stack, args: MethodArgs, put) -> tuple[list[float], None]:
+def varm(st: Stack, put: Put) -> tuple[list[float], None]:
     """VaRM (FuseChat-1.0): w_k = mean(τ_k²) / Σ_j mean(τ_j²); merged = base + Σ_k w_k τ_k."""
     w = _ratio_weights(_mean_squares(st), 0.0)
     wc = w.view(-1, 1)
@@ -128,7 +144,7 @@ def select_by_variance(st: Stack, topk: float) -> torch.Tensor:
 
 
 @register("sce")
-def sce(st: Stack, args: MethodArgs, put) -> tuple[list[float], list[float]]:
+def sce(st: Stack, put: Put, *, select_topk: float, sce_mask: str) -> tuple[list[float], list[float]]:
     """SCE (FuseChat-2.0): select top-τ elements by variance across τ_k, calculate variance-ratio
     weights, erase elements against the majority sign, merge.
 
@@ -138,10 +154,10 @@ def sce(st: Stack, args: MethodArgs, put) -> tuple[list[float], list[float]]:
     the weights; the sign vote and the merge use the full τ_k; uniform weights only when the
     sum is 0; a zero denominator is replaced by 1.
     """
-    if args.sce_mask not in ("mergekit", "fusechat"):
-        raise ValueError(f"sce_mask must be 'mergekit' or 'fusechat', got {args.sce_mask!r}")
-    upstream = args.sce_mask == "mergekit"
-    mask = select_by_variance(st, args.select_topk) if args.select_topk < 1 else None
+    if sce_mask not in ("mergekit", "fusechat"):
+        raise ValueError(f"sce_mask must be 'mergekit' or 'fusechat', got {sce_mask!r}")
+    upstream = sce_mask == "mergekit"
+    mask = select_by_variance(st, select_topk) if select_topk < 1 else None
     if upstream:
         if mask is not None:
             st.mask_(mask)
@@ -164,64 +180,69 @@ def sce(st: Stack, args: MethodArgs, put) -> tuple[list[float], list[float]]:
 
 
 @register("linear")
-def linear(st: Stack, args: MethodArgs, put) -> tuple[list[float], None]:
+def linear(st: Stack, put: Put, *, weights: tuple[float, ...], normalize: bool) -> tuple[list[float], None]:
     """merged = Σ_k w_k θ_k (/ Σ_k w_k when normalising, the default). The base is not averaged in."""
-    w = torch.tensor(args.weights, dtype=torch.float32)
+    w = torch.tensor(weights, dtype=torch.float32)
 
     def part(s: int, e: int) -> None:
         theta = st.theta(s, e)
         acc = torch.zeros(e - s)
         for i in range(st.k):
             acc.addcmul_(theta[i], w[i])
-        put(s, e, acc.div_(w.sum()) if args.normalize else acc)
+        put(s, e, acc.div_(w.sum()) if normalize else acc)
 
     each(part, st.n)
     return w.tolist(), None
 
 
-def _dare_keep(args: MethodArgs, k: int, s: int, e: int) -> torch.Tensor:
+def _dare_keep(seed: int, key: str, density: float, k: int, s: int, e: int) -> torch.Tensor:
     """(K, c) DARE keep-masks of slice [s, e): Bernoulli(density), from a generator per (seed,
     tensor name, model, slice), so the same mask comes back on every call, thread and rerun."""
     rows = []
     for i in range(k):
-        digest = hashlib.sha256(f"{args.seed}:{args.key}:{i}:{s}".encode()).digest()
+        digest = hashlib.sha256(f"{seed}:{key}:{i}:{s}".encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1))
-        rows.append(torch.rand(e - s, generator=g) < args.density)
+        rows.append(torch.rand(e - s, generator=g) < density)
     return torch.stack(rows)
 
 
-def _l1_factors(st: Stack, args: MethodArgs) -> torch.Tensor:
+def _l1_factors(st: Stack, keep: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
     """mergekit 0.1.5's DARE rescale: |τ_k|₁ / |dropped τ_k|₁ per model (1 for ~zero norms), (K, 1)."""
     def part(s: int, e: int) -> torch.Tensor:
         x = st.tau(s, e)
-        return torch.stack([x.abs().sum(1), (x * _dare_keep(args, st.k, s, e)).abs().sum(1)]).double()
+        return torch.stack([x.abs().sum(1), (x * keep(s, e)).abs().sum(1)]).double()
 
     before, after = torch.stack(each(part, st.n)).sum(0)
     ok = (before >= 1e-7) & (after >= 1e-7)
     return torch.where(ok, before / after.clamp(min=1e-300), 1.0).float().view(-1, 1)
 
 
-def _task_arithmetic_family(st: Stack, args: MethodArgs, put, sparsify: str | None,
-                            consensus: bool) -> tuple[list[float], list[float] | None]:
+def _task_arithmetic_family(st: Stack, put: Put, sparsify: str | None, consensus: bool, *,
+                            weights: tuple[float, ...], normalize: bool, scale: float, density: float = 1.0,
+                            rescale: str = "inverse", seed: int = 0, key: str = ""
+                            ) -> tuple[list[float], list[float] | None]:
     """mergekit's generalized task arithmetic: sparsify each τ_k, weight it, optionally elect
     signs (TIES), sum, optionally divide by the sum of (kept) weights, scale, add to the base."""
-    dare = sparsify == "random" and args.density < 1
-    if sparsify == "magnitude" and args.density < 1:
-        top = max(1, int(args.density * st.n))
+    dare = sparsify == "random" and density < 1
+    if sparsify == "magnitude" and density < 1:
+        top = max(1, int(density * st.n))
         for i in range(st.k):
             scores = Scores(st.n, lambda s, e: st.tau_row(i, s, e).abs(), lambda idx: st.tau_at(idx)[i].abs())
             st.mask_(topk_mask(scores, top), row=i)
-    factors = _l1_factors(st, args) if dare and args.rescale == "l1" else None
-    w = torch.tensor(args.weights, dtype=torch.float32).view(-1, 1)  # (K, 1)
+    def keep(s: int, e: int) -> torch.Tensor:
+        return _dare_keep(seed, key, density, st.k, s, e)
+
+    factors = _l1_factors(st, keep) if dare and rescale == "l1" else None
+    w = torch.tensor(weights, dtype=torch.float32).view(-1, 1)  # (K, 1)
     total = w.sum(0)
     total[total.abs() < 1e-8] = 1
 
     def part(s: int, e: int) -> torch.Tensor | None:
         x = st.tau(s, e)
         if dare:
-            x = x * _dare_keep(args, st.k, s, e)
-            if args.rescale == "inverse":
-                x /= args.density
+            x = x * keep(s, e)
+            if rescale == "inverse":
+                x /= density
             elif factors is not None:
                 x *= factors
         x = x * w  # mergekit weights the sparsified task vectors
@@ -234,10 +255,10 @@ def _task_arithmetic_family(st: Stack, args: MethodArgs, put, sparsify: str | No
             mixed, divisor = x.sum(0), total
             if sparsify:
                 kept = torch.count_nonzero(x, dim=1)
-        if args.normalize:
+        if normalize:
             mixed /= divisor
-        if args.scale != 1:
-            mixed *= args.scale
+        if scale != 1:
+            mixed *= scale
         put(s, e, st.base(s, e) + mixed)
         return kept
 
@@ -246,24 +267,29 @@ def _task_arithmetic_family(st: Stack, args: MethodArgs, put, sparsify: str | No
 
 
 @register("task_arithmetic")
-def task_arithmetic(st: Stack, args: MethodArgs, put):
+def task_arithmetic(st: Stack, put: Put, *, weights: tuple[float, ...], normalize: bool, scale: float):
     """merged = base + λ Σ_k w_k τ_k."""
-    return _task_arithmetic_family(st, args, put, None, consensus=False)
+    return _task_arithmetic_family(st, put, None, False, weights=weights, normalize=normalize, scale=scale)
 
 
 @register("ties")
-def ties(st: Stack, args: MethodArgs, put):
+def ties(st: Stack, put: Put, *, weights: tuple[float, ...], density: float, normalize: bool, scale: float):
     """TIES: keep the top-`density` |τ_k| of each model, elect signs by Σ_k w_k τ_k, average the agreeing."""
-    return _task_arithmetic_family(st, args, put, "magnitude", consensus=True)
+    return _task_arithmetic_family(st, put, "magnitude", True, weights=weights, normalize=normalize, scale=scale,
+                                   density=density)
 
 
 @register("dare_ties")
-def dare_ties(st: Stack, args: MethodArgs, put):
+def dare_ties(st: Stack, put: Put, *, key: str, weights: tuple[float, ...], density: float, rescale: str,
+              normalize: bool, scale: float, seed: int):
     """DARE drop-and-rescale of each τ_k, then TIES sign election."""
-    return _task_arithmetic_family(st, args, put, "random", consensus=True)
+    return _task_arithmetic_family(st, put, "random", True, weights=weights, normalize=normalize, scale=scale,
+                                   density=density, rescale=rescale, seed=seed, key=key)
 
 
 @register("dare_linear")
-def dare_linear(st: Stack, args: MethodArgs, put):
+def dare_linear(st: Stack, put: Put, *, key: str, weights: tuple[float, ...], density: float, rescale: str,
+                normalize: bool, scale: float, seed: int):
     """DARE drop-and-rescale of each τ_k, then base + λ Σ_k w_k τ̃_k."""
-    return _task_arithmetic_family(st, args, put, "random", consensus=False)
+    return _task_arithmetic_family(st, put, "random", False, weights=weights, normalize=normalize, scale=scale,
+                                   density=density, rescale=rescale, seed=seed, key=key)

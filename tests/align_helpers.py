@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from fuse.surface import TokenText
+from fuse.align.surface import TokenText
 
 NAMES = ("llama2", "llama3", "qwen3", "gemma3")
 

@@ -1,4 +1,4 @@
-"""Token alignment (fuse.align, fuse.surface): real tokenizers, equal cost to the plain full DP."""
+"""Token alignment (fuse.align.mined, fuse.align.surface): real tokenizers, equal cost to the plain full DP."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import editdistance
 import numpy as np
 import pytest
 
-from fuse.align import align_tokens
-from fuse.surface import TokenText
+from fuse.align.mined import align_tokens
+from fuse.align.surface import TokenText
 from align_helpers import NAMES, real_tokenizers
 PAIRS = [(p, s) for p in NAMES for s in NAMES if p != s]
 TEXTS = [
@@ -204,7 +204,7 @@ def test_chat_alignment_by_reply(toks):
     """Two renderings of one chat (different templates): reply tokens are aligned inside their
     reply, template tokens are not, end-of-turn tokens pair up."""
     from core.chat import render_chat, tokenize_chat
-    from fuse.chat_align import ChatTokens, align_chat
+    from fuse.align.chat import ChatTokens, align_chat
     from world.tokenizers import LLAMA2
 
     msgs = [{"role": "user", "content": "Add 1234 and 5678, please."},

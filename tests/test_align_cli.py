@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cli
-from fuse.vocab import VocabMap
+from fuse.align.vocab import VocabMap
 
 CHATS = [
     {"id": "1", "messages": [{"role": "user", "content": "What is 1234 + 5678?"},
@@ -83,7 +83,7 @@ def test_align_cli_resumes_after_interruption(llama2_pair, tmp_path, monkeypatch
     data = write_chats(tmp_path / "chats.jsonl", n=9)
     args = [*llama2_pair, "--data", str(data), "--checkpoint-every", "2"]
     assert run_align(*args, "--out", str(tmp_path / "fresh.json")) == 0
-    import fuse.chat_align as chat_align
+    import fuse.align.chat as chat_align
 
     real = chat_align.align_chat
     calls = {"n": 0}
@@ -138,10 +138,11 @@ def test_world_tokenizers(world, tmp_path):
     the identity map of the pivot onto itself, and the exact share the map reports."""
     from align_helpers import token_texts
     from core.chat import load_conversations, render_chat, tokenize_chat
-    from fuse.align import align_tokens
-    from fuse.align_cli import AlignConfig, build_map
-    from fuse.chat_align import ChatTokens, _content_end
-    from fuse.vocab import VocabMapBuilder
+    from fuse.align.mined import align_tokens
+    from fuse.align.build import build_map
+    from fuse.align.config import AlignConfig
+    from fuse.align.chat import ChatTokens, content_end
+    from fuse.align.vocab import VocabMapBuilder
     from test_align import naive_cost
 
     models = world / "models"
@@ -159,7 +160,7 @@ def test_world_tokenizers(world, tmp_path):
             for (ps, pe), (ss, se) in zip(views[0].assistant_spans, views[1].assistant_spans):
                 texts = []
                 for view, tt, (s0, e0) in ((views[0], pivot, (ps, pe)), (views[1], source, (ss, se))):
-                    end = _content_end(view.text, s0, e0, tt.tokenizer.eos_token)
+                    end = content_end(view.text, s0, e0, tt.tokenizer.eos_token)
                     reply = view.text[s0:end]
                     enc = tt.tokenizer(reply, add_special_tokens=False, return_offsets_mapping=True)
                     texts.append((tt.in_context(enc["input_ids"], enc["offset_mapping"], reply), enc["offset_mapping"]))
@@ -175,7 +176,7 @@ def test_world_tokenizers(world, tmp_path):
 
 
 def test_align_cli_bad_outputs_fail_before_the_work(llama2_pair, tmp_path, capsys, monkeypatch):
-    import fuse.chat_align as chat_align
+    import fuse.align.chat as chat_align
 
     def no_work(*a, **k):
         raise AssertionError("aligned before the output was checked")

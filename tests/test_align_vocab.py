@@ -1,4 +1,4 @@
-"""Vocabulary map (fuse.vocab) and coverage (fuse.coverage): hand-computed small vocabularies,
+"""Vocabulary map (fuse.align.vocab) and coverage (fuse.align.coverage): hand-computed small vocabularies,
 identity maps of real tokenizers, special tokens, JSON round trip and bad files."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from core.errors import PivotfuseError
-from fuse.align import Alignment
-from fuse.coverage import Coverage
-from fuse.surface import TokenText
-from fuse.vocab import VocabMap, VocabMapBuilder, template_markers
+from fuse.align.mined import Alignment
+from fuse.align.coverage import Coverage
+from fuse.align.surface import TokenText
+from fuse.align.vocab import VocabMap, VocabMapBuilder, template_markers
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -12,7 +12,7 @@ import pytest
 
 from core.config import add_arguments, apply_overrides, field, from_args, from_dict, load_config
 from core.errors import PivotfuseError
-from core.recipe import load_recipe
+from pipeline.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

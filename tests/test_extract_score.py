@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from core.errors import PivotfuseError
-from fuse.extract_score import score_batch
+from fuse.extract.score import score_batch
 
 V, K = 300, 7
 

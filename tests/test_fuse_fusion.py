@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from fuse.fusion import (TeacherView, avgce, ce_per_char, fuse_sequence, merge_topk, mince, mince_token,
+from fuse.targets.fusion import (TeacherView, avgce, ce_per_char, fuse_sequence, merge_topk, mince, mince_token,
                          translate_topk)
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fuse.loss import fusion_loss, target_probs
+from fuse.train.loss import fusion_loss, target_probs
 
 
 def dense_reference(logits, labels, target_ids, target_logprobs, lam, temperature):

@@ -160,9 +160,10 @@ def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
 
 def test_recipe_align_section_shapes_the_vocabulary_map(tokenizer_dirs, tmp_path: Path) -> None:
     """`align:` settings reach the map the pipeline builds, and are in its fingerprint (a change rebuilds it)."""
-    from core.recipe import load_recipe
-    from fuse.align_cli import AlignConfig, build_map
-    from fuse.pipeline import _vocab_map
+    from pipeline.recipe import load_recipe
+    from fuse.align.build import build_map
+    from fuse.align.config import AlignConfig
+    from pipeline.pairwise import _vocab_map
     from test_align_cli import write_chats
     from test_align_vocab import CHATML, INST
 
@@ -195,7 +196,7 @@ def test_recipe_align_section_shapes_the_vocabulary_map(tokenizer_dirs, tmp_path
 
 @pytest.mark.slow
 def test_fuse_builds_the_map_with_the_recipe_align_settings(run: dict) -> None:
-    from fuse.vocab import VocabMap
+    from fuse.align.vocab import VocabMap
 
     out = run["root"] / "aligned"
     reuse_stores(run["out"], out)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from core.chat import render_chat, tokenize_chat
-from fuse.positions import END, pair_positions, reply_keys, token_chars
+from fuse.targets.pairing import END, pair_positions, reply_keys, token_chars
 
 L3 = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
       "{% endfor %}")

@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 
 from core.chat import render_chat, tokenize_chat
-from fuse.project import PivotProjector
-from fuse.store import TeacherRecord
-from fuse.surface import TokenText
-from fuse.targets import SpanTranslator
-from fuse.positions import pair_positions, reply_keys, token_chars
+from fuse.targets.translate import PivotProjector, SpanTranslator
+from fuse.extract.store import TeacherRecord
+from fuse.align.surface import TokenText
+from fuse.targets.pairing import pair_positions, reply_keys, token_chars
 
 L3 = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
       "{% endfor %}")

@@ -7,10 +7,10 @@ import pytest
 
 from core.chat import render_chat, tokenize_chat
 from core.errors import PivotfuseError
-from fuse.fusion import translate_topk
-from fuse.positions import pair_positions, reply_keys
-from fuse.store import TeacherRecord
-from fuse.targets import FusionStats, fusion_rows
+from fuse.targets.fusion import translate_topk
+from fuse.targets.pairing import pair_positions, reply_keys
+from fuse.extract.store import TeacherRecord
+from fuse.targets.rows import FusionStats, fusion_rows
 
 L3 = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
       "{% endfor %}")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fuse.config import FuseConfig
-from fuse.loss import fusion_loss
-from fuse.trainer import FusionCollator, accepts_logits_mask, fusion_step_loss, train_target
+from fuse.train.config import FuseConfig
+from fuse.train.loss import fusion_loss
+from fuse.train.trainer import FusionCollator, accepts_logits_mask, fusion_step_loss, train_target
 
 V = 48
 
@@ -123,7 +123,7 @@ def test_interrupted_run_resumes_to_the_same_step_and_weights(pivot, tmp_path):
     import datasets
     from transformers import TrainerCallback
 
-    import fuse.trainer as trainer_mod
+    import fuse.train.trainer as trainer_mod
 
     ds = datasets.Dataset.from_list(rows())
     cfg = FuseConfig(lr=1e-2, max_steps=10, batch_size=8, warmup=0, logging_steps=5, save_steps=4)

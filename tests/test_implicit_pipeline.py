@@ -9,11 +9,11 @@ import random
 
 import pytest
 
-from implicit.config import DPOTrainConfig, SFTTrainConfig, WRPOTrainConfig
+from implicit.config import DPOTrainConfig, SampleConfig, ScoreConfig, SFTTrainConfig, WRPOTrainConfig
 from implicit.pairs import PairConfig, build_preference_data
 from implicit.prompts import Prompt
-from implicit.sample import SampleConfig, sample_answers
-from implicit.score import ScoreConfig, score_answers
+from implicit.sample import sample_answers
+from implicit.score import score_answers
 from implicit.train import train_dpo, train_sft, train_wrpo
 from implicit_helpers import sentence, tiny_chat_model
 

@@ -15,7 +15,8 @@ import pytest
 from cli import main
 from core.errors import PivotfuseError
 from implicit.prompts import Prompt, load_prompts
-from implicit.sample import SampleConfig, chunk_seed, sample_answers
+from implicit.config import SampleConfig
+from implicit.sample import chunk_seed, sample_answers
 from implicit_helpers import WORDS, tiny_chat_model
 from test_eval_mtbench import fake_server  # noqa: F401 - fixture
 

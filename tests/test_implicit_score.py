@@ -13,8 +13,9 @@ from core.errors import PivotfuseError
 from evals.mtbench import judge_messages
 from evals.questions import builtin_judge_prompts
 from implicit.prompts import Prompt
-from implicit.sample import SampleConfig, sample_answers
-from implicit.score import JudgeScorer, ScoreConfig, VerifierScorer, judge_request, score_answers
+from implicit.config import SampleConfig, ScoreConfig
+from implicit.sample import sample_answers
+from implicit.score import JudgeScorer, VerifierScorer, judge_request, score_answers
 from implicit.verify import make_checker
 from implicit_helpers import tiny_chat_model
 from test_implicit_sample import Scripted

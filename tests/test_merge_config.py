@@ -6,7 +6,7 @@ import pytest
 
 from core.config import from_dict
 from core.errors import PivotfuseError
-from core.recipe import Recipe
+from pipeline.recipe import Recipe
 from merge.config import MergeConfig, MergeJob, MergeSpec, parse_size
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from core.recipe import load_recipe
-from core.run import claims
+from pipeline.recipe import load_recipe
+from pipeline.claims import claims
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_recipes_validate_without_downloading(name):
 
 
 def test_claims_logic():
-    from core.recipe import load_recipe as lr
+    from pipeline.recipe import load_recipe as lr
 
     r = lr(REPO / "recipes" / "demo.yaml", check_paths=False)
     doms = ["arith", "facts", "strings", "chat"]

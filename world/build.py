@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -22,32 +21,28 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from core.assets import asset_root, missing
+from core.atomic import publish_folder
 from core.chat import write_conversations
 from core.errors import PivotfuseError
+from core.files import read_json
+from core.loading import load_tokenizer
+from core.fingerprint import digest, source_bytes, tensor_hash
 from world import corpus
 from world.config import WorldConfig
 from world.models import PLANS, build_model
 from world.train import loss_per_char, train
 
 
+# The code that shapes the world: a change to it rebuilds the world (it is in the fingerprint).
+CODE = ("corpus.py", "tokenizers.py", "models.py", "train.py", "build.py")
+
+
 def fingerprint(cfg: WorldConfig) -> str:
     """Settings (minus the output folder) + the source of the modules that decide the world's content."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
-                                  sort_keys=True).encode())
-    for name in ("corpus.py", "tokenizers.py", "models.py", "train.py", "build.py"):  # code that shapes the world
-        h.update((Path(__file__).parent / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def tensor_hash(folder: Path) -> str:
-    """sha256 of the model's safetensors files (what the determinism test compares)."""
-    h = hashlib.sha256()
-    for f in sorted(folder.glob("*.safetensors")):
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    return digest({k: v for k, v in dataclasses.asdict(cfg).items() if k != "out"},
+                  source_bytes(Path(__file__).parent, CODE))
 
 
 def _tokenizer_texts(splits: dict[str, list[corpus.Conversation]]) -> list[str]:
@@ -65,7 +60,7 @@ def _train_one(i: int, cfg: WorldConfig, splits: dict[str, list[corpus.Conversat
     # two can differ around special tokens (Llama-2's legacy prefix-space rule), and users will
     # only ever have the folder.
     plan.make_tokenizer(texts, assets).save_pretrained(folder)
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = load_tokenizer(folder)
     torch.manual_seed(cfg.seed * 100 + i)
     model = build_model(plan, tok)
     if torch.cuda.is_available():
@@ -121,7 +116,7 @@ def _build_locked(cfg: WorldConfig, out: Path, assets: Path, progress: bool) -> 
     fp = fingerprint(cfg)
     meta_path = out / "world.json"
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path, "a demo-world table (JSON object)")
         if meta.get("fingerprint") == fp:
             return meta
     if missing("llama2", assets):
@@ -149,9 +144,7 @@ def _build_locked(cfg: WorldConfig, out: Path, assets: Path, progress: bool) -> 
     meta = {"fingerprint": fp, "config": dataclasses.asdict(cfg), "models": table,
             "corpus": {k: len(v) for k, v in splits.items()}, "build_seconds": round(time.time() - t0, 1)}
     (tmp / "world.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    publish_folder(tmp, out)
     return meta
 
 

@@ -13,7 +13,8 @@ import random
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from core.chat import Conversation, render_chat, tokenize_chat
+from core.chat import Conversation, end_of_turn_tokens, render_chat, reply_ranges, tokenize_chat
+from core.logits import head_logits
 
 IGNORE = -100
 
@@ -21,12 +22,13 @@ IGNORE = -100
 def encode(tok: PreTrainedTokenizerFast, convs: list[Conversation], max_length: int) -> list[tuple[list[int], list[int], int]]:
     """Each chat → (input_ids, labels with -100 outside assistant tokens, assistant char count)."""
     out = []
+    enders = end_of_turn_tokens(tok)
     for c in convs:
         r = render_chat(tok, c.messages)
         t = tokenize_chat(tok, r, max_length=max_length)
         labels = [i if a else IGNORE for i, a in zip(t.input_ids, t.assistant)]
         # Per character of the replies themselves: template markers differ between models.
-        nchar = sum(len(m["content"].strip()) for m in c.messages if m["role"] == "assistant")
+        nchar = sum(e - s for s, e in reply_ranges(r, enders))
         out.append((t.input_ids, labels, nchar))
     return out
 
@@ -49,7 +51,7 @@ def _token_losses(model: PreTrainedModel, ids, labels, attn) -> torch.Tensor:
     hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]  # (B, T-1, H)
     target = labels[:, 1:]  # predict token t+1 from position t
     keep = target != IGNORE
-    logits = model.get_output_embeddings()(hidden[keep]).float()  # (N, V)
+    logits = head_logits(model, hidden[keep]).float()  # (N, V)
     return torch.nn.functional.cross_entropy(logits, target[keep], reduction="none")
 
 

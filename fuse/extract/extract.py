@@ -1,0 +1,233 @@
+"""Teacher extraction: run one chat model over the corpus and store its top-k next-token log-probs.
+
+Every model reads the conversations rendered with its OWN chat template; only positions whose
+gold next token is an assistant token are scored. The corpus is cut into fixed shards; under
+`accelerate launch` / `torchrun` each process scores its share of the pending shards, so a
+killed run resumes where it stopped. Batches are formed inside a shard, so the process count
+changes no batch: on CPU with the same kernels (same machine and torch build, same threads per
+process) any process count gives the same store bit for bit. Other threads per process (the
+launchers default to one per process on CPU) or another machine sum floats in another order:
+token ids, spans and counts stay the same, log-probs and CE agree up to float rounding, and top-k
+ids differ only where two candidates tie within it (tests/test_extract.py bounds each).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from core.chat import Conversation, end_of_turn_tokens, load_conversations, render_chat, reply_end, tokenize_chat
+from core.errors import PivotfuseError
+from core.fingerprint import conversations_sha, model_fingerprint, sha256_hex
+from core.loading import chat_template, load_causal_lm, load_tokenizer, refuse_inside, vocab_size
+from fuse.extract.config import ExtractJob
+from fuse.extract.store import StoreWriter, TeacherRecord, int_type
+
+log = logging.getLogger(__name__)
+
+
+def resolve_template(tok: Any, cfg: ExtractJob) -> str:
+    """The template the model reads the corpus with: the given file's, else its tokenizer's."""
+    return chat_template(tok, cfg.chat_template, f"{cfg.model}: tokenizer")
+
+
+def resolve_dtype(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(path: str, dtype: Any, state: Any) -> Any:
+    # One process and a GPU: let accelerate place (and if needed split) the model; data-parallel
+    # runs put a whole copy on each process's device.
+    device_map: Any = "auto" if state.num_processes == 1 and state.device.type == "cuda" else {"": state.device}
+    return load_causal_lm(path, dtype=dtype, device_map=device_map)
+
+
+@dataclass
+class _Prepared:
+    index: int
+    conv: Conversation
+    ids: list[int]
+    offsets: np.ndarray  # (T, 2)
+    gold_pos: np.ndarray  # (n,) positions t >= 1 whose token is an assistant token
+    assistant_spans: list[tuple[int, int]]
+    text: str
+    truncated: bool
+
+
+def prepare(index: int, conv: Conversation, tok: Any, template: str, max_length: int,
+            stats: Counter) -> _Prepared | None:
+    """Render + tokenise one conversation; None (and a counted reason) when it cannot be scored."""
+    try:
+        rendered = render_chat(tok, conv.messages, template)
+    except PivotfuseError as e:
+        stats["skipped_template_error"] += 1
+        stats.setdefault("first_template_error", f"{conv.id}: {e}")  # type: ignore[arg-type]
+        return None
+    if not rendered.assistant_spans:
+        stats["skipped_no_assistant"] += 1
+        return None
+    tc = tokenize_chat(tok, rendered, max_length)
+    stats["truncated"] += int(tc.truncated)
+    gold_pos = np.flatnonzero(np.asarray(tc.assistant, dtype=bool))
+    gold_pos = gold_pos[gold_pos >= 1]  # token 0 has no context to be predicted from
+    if len(gold_pos) == 0:
+        stats["skipped_no_scored_tokens"] += 1
+        return None
+    return _Prepared(index, conv, tc.input_ids, np.asarray(tc.offsets, dtype=np.int64).reshape(-1, 2), gold_pos,
+                     rendered.assistant_spans, rendered.text, tc.truncated)
+
+
+def _covered(text: str, spans: np.ndarray, within: np.ndarray) -> tuple[int, int]:
+    """(characters, UTF-8 bytes) of `text` inside both the union of `spans` and of `within`."""
+    def mask(ranges: np.ndarray) -> np.ndarray:
+        edges = np.zeros(len(text) + 1, dtype=np.int32)
+        np.add.at(edges, ranges[:, 0], 1)
+        np.add.at(edges, ranges[:, 1], -1)
+        return np.cumsum(edges)[:-1] > 0
+
+    covered = mask(spans) & mask(within)
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)[covered]
+    return int(covered.sum()), int(covered.sum() + (codes >= 0x80).sum() + (codes >= 0x800).sum()
+                                   + (codes >= 0x10000).sum())  # UTF-8 length of each code point
+
+
+def to_record(p: _Prepared, scores: Any, enders: Sequence[str]) -> TeacherRecord:
+    gold_ids = np.asarray(p.ids)[p.gold_pos]
+    spans = p.offsets[p.gold_pos]
+    replies = np.asarray([(s, reply_end(p.text, s, e, enders)) for s, e in p.assistant_spans], dtype=np.int64)
+    n_chars, n_bytes = _covered(p.text, spans, replies.reshape(-1, 2))
+    return TeacherRecord(
+        index=p.index, id=p.conv.id, domain=p.conv.domain, text=p.text,
+        assistant_spans=np.asarray(p.assistant_spans, dtype=np.int32).reshape(-1, 2),
+        token_ids=gold_ids.astype(np.int32), spans=spans.astype(np.int32),
+        topk_ids=scores.topk_ids.astype(np.int32), topk_logprobs=scores.topk_logprobs.astype(np.float16),
+        gold_logprobs=scores.gold_logprobs.astype(np.float16),
+        ce=float(-scores.gold_logprobs.astype(np.float64).mean()),
+        n_chars=n_chars, n_bytes=n_bytes, seq_len=len(p.ids), truncated=p.truncated)
+
+
+def _scan(convs: list[Conversation], tok: Any, template: str, data: str) -> int:
+    """Render every conversation once before loading a model: fails early on a corpus with nothing
+    to score, and returns the longest text (it fixes the store's span dtype)."""
+    longest, usable, first_error = 0, 0, None
+    for c in convs:
+        try:
+            r = render_chat(tok, c.messages, template)
+        except PivotfuseError as e:
+            first_error = first_error or f"{c.id}: {e}"
+            continue
+        longest, usable = max(longest, len(r.text)), usable + bool(r.assistant_spans)
+    if not usable:
+        raise PivotfuseError(f"{data}: no conversation has an assistant reply to score"
+                             + (f" (first template error: {first_error})" if first_error else ""))
+    return longest
+
+
+def length_batches(items: list[_Prepared], batch_size: int) -> list[list[_Prepared]]:
+    """Longest first, `batch_size` at a time: similar lengths share a batch, so little padding."""
+    items = sorted(items, key=lambda p: -len(p.ids))
+    return [items[lo:lo + batch_size] for lo in range(0, len(items), batch_size)]
+
+
+def extract_shard(writer: StoreWriter, shard: int, convs: list[Conversation], model: Any, tok: Any,
+                  template: str, cfg: ExtractJob, bar: Any) -> None:
+    """Score the conversations of one shard and write it (with its statistics)."""
+    from fuse.extract.score import score_batch
+
+    stats: Counter = Counter()
+    items = []
+    for i in writer.shard_rows(shard):
+        stats["rows"] += 1
+        p = prepare(i, convs[i], tok, template, cfg.max_length, stats)
+        if p is not None:
+            items.append(p)
+    bar.update(stats["rows"] - len(items))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    records = []
+    enders = end_of_turn_tokens(tok)  # reply text ends before these: CE per character compares templates
+    for batch in length_batches(items, cfg.batch_size):
+        scores = score_batch(model, [p.ids for p in batch], [p.gold_pos for p in batch], cfg.top_k,
+                             [f"{p.conv.id} ({cfg.data})" for p in batch], pad_id)
+        records += [to_record(p, s, enders) for p, s in zip(batch, scores)]
+        bar.update(len(batch))
+    stats.update(stored=len(records), scored_tokens=sum(r.n_tokens for r in records),
+                 scored_chars=sum(r.n_chars for r in records), scored_bytes=sum(r.n_bytes for r in records))
+    stats["nll"] = float(sum(r.ce * r.n_tokens for r in records))
+    if "first_template_error" in stats:
+        log.warning("%s: skipped conversations the template cannot render, e.g. %s", cfg.model,
+                    stats.pop("first_template_error"))
+    writer.write_shard(shard, records, dict(stats))
+
+
+def extract(cfg: ExtractJob, on_shard: Callable[[int], None] | None = None) -> dict:
+    """Write (or finish) the store `cfg.out`; returns its summed statistics (on the main process, {} elsewhere).
+
+    Under several processes each scores a share of the pending shards; the main process
+    validates/creates the manifest first and marks the store complete last.
+    `on_shard(shard)` is called after each shard is on disk (progress hooks, tests).
+    """
+    import torch
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    for name in ("model", "data", "out"):
+        if getattr(cfg, name) is None:
+            raise PivotfuseError(f"extract: --{name} is required")
+    # Every option is checked before anything is read or written: a bad one must not cost a model load.
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise PivotfuseError(f"extract: {e}") from None
+    refuse_inside(cfg.out, cfg.model, "out")
+    # Force the CPU backend (gloo) when there is no accelerator, so torchrun/accelerate CPU runs split work.
+    state = PartialState(cpu=torch.accelerator.current_accelerator() is None)
+    tok = load_tokenizer(cfg.model, model=True, fast=True)
+    vocab = vocab_size(cfg.model)
+    if vocab is not None and cfg.top_k > vocab:
+        raise PivotfuseError(f"top_k: {cfg.top_k} exceeds the vocabulary size {vocab} of {cfg.model} (config.json)")
+    template = resolve_template(tok, cfg)
+    convs = load_conversations(cfg.data)
+    longest = _scan(convs, tok, template, cfg.data)
+    dtype = resolve_dtype(cfg.dtype)
+    fingerprint = {
+        "model": model_fingerprint(Path(cfg.model)), "tokenizer": sha256_hex(tok.backend_tokenizer.to_str()),
+        "template": sha256_hex(template), "data": conversations_sha(convs),
+        "settings": {"top_k": cfg.top_k, "max_length": cfg.max_length, "shard_size": cfg.shard_size,
+                     "dtype": str(dtype).replace("torch.", "")},
+    }
+    kwargs = dict(top_k=cfg.top_k, n_rows=len(convs), shard_size=cfg.shard_size,
+                  dtypes={"ids": int_type(len(tok) - 1), "spans": int_type(longest)},
+                  info={"model": str(cfg.model), "data": str(cfg.data)})
+    with state.main_process_first():  # the main process creates the manifest, the others then check it
+        writer = StoreWriter.open(cfg.out, fingerprint, is_main=state.is_main_process, **kwargs)
+    pending = writer.pending()
+    state.wait_for_everyone()  # every process has listed the pending shards before any is written
+    mine = pending[state.process_index::state.num_processes]
+    if state.num_processes > 1:
+        print(f"extract: process {state.process_index}/{state.num_processes} scores shards {mine}", file=sys.stderr)
+    if mine:
+        model = load_model(cfg.model, dtype, state)
+        with tqdm(total=sum(len(writer.shard_rows(s)) for s in mine), unit="conv", desc=f"extract {cfg.model}",
+                  disable=not state.is_main_process) as bar:
+            for shard in mine:
+                extract_shard(writer, shard, convs, model, tok, template, cfg, bar)
+                if on_shard is not None:
+                    on_shard(shard)
+    if not state.is_main_process:
+        return {}
+    # The main process waits for the others' shards by polling, not with a collective barrier: a
+    # barrier would time out (NCCL/gloo default 10–30 min) while a slower process is still scoring.
+    while writer.pending():
+        time.sleep(1.0)
+    return writer.finalize()

@@ -1,0 +1,156 @@
+"""The recipe: one YAML file that describes a whole fusion, loaded into typed sections.
+
+Each section's dataclass lives with the package that uses it (`world.config`,
+`fuse.train.config`, `merge.config`, `evals.config`); this module only composes them, resolves
+`world:NAME` references and checks that files exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.config import apply_overrides, field, from_dict, load_yaml, to_dict
+from core.errors import PivotfuseError
+from core.loading import refuse_file_as_folder
+from world.config import WorldConfig
+from merge.config import MergeSpec
+from fuse.extract.config import ExtractConfig
+from fuse.train.config import FuseConfig
+from fuse.align.config import AlignConfig
+from evals.config import EvalConfig
+
+
+CLM_NAME = "pivot-clm"  # the pivot-CLM baseline's name in outputs and tables
+TARGET_PREFIX = "T_"  # target T_k of source NAME is called T_NAME, next to the source itself
+
+
+@dataclass
+class ModelSpec:
+    """A chat model: a local Hugging Face folder, or `world:NAME` for a demo-world model."""
+
+    name: str = field(help="short name used in output folders and tables")
+    path: str = field(help="local HF folder, or world:NAME for a model of the demo world")
+    chat_template: str | None = field(None, help="jinja file to use when the tokenizer has no chat template")
+    domain: str | None = field(None, help="the held-out domain this source is the expert of (for the run's report)")
+
+
+@dataclass
+class ModelsConfig:
+    pivot: ModelSpec = field(help="the pivot model P; targets are copies of it")
+    sources: list[ModelSpec] = field(default_factory=list, help="source models S_1..S_K")
+
+    def validate(self) -> None:
+        names = [self.pivot.name] + [s.name for s in self.sources]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"sources: duplicate model name {sorted(dup)[0]!r}")
+
+
+@dataclass
+class DataConfig:
+    fusion: str = field(help="fusion corpus (JSONL/datasets folder, or world:fusion)")
+    heldout: str | None = field(None, help="held-out chats for per-domain loss (or world:heldout)")
+
+
+@dataclass
+class Recipe:
+    """A whole run: world (optional) → models → data → (later sections: extract, fuse, merge, eval)."""
+
+    out: str = field(help="output folder of the run")
+    models: ModelsConfig = field(help="pivot and sources")
+    data: DataConfig = field(help="corpora")
+    pivot_clm: bool = field(True, help="run: also train the pivot-CLM baseline (λ = 1, same data and steps)")
+    world: WorldConfig | None = field(None, help="build the demo world first (models/data may say world:NAME)")
+    merge: list[MergeSpec] = field(default_factory=list, help="parameter-space merges of the targets: each a name + method options")
+    extract: ExtractConfig = field(default_factory=ExtractConfig, help="teacher extraction: top-k, batch size, max length, shards")
+    eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation: MT-Bench-style judging, held-out loss, report")
+    fuse: FuseConfig = field(default_factory=FuseConfig, help="pairwise fusion: targets, loss, training of each T_k")
+    align: AlignConfig = field(default_factory=AlignConfig, help="token/vocabulary alignment of each source onto the pivot")
+
+    def validate(self) -> None:
+        taken = {self.models.pivot.name, CLM_NAME, *(s.name for s in self.models.sources),
+                 *(TARGET_PREFIX + s.name for s in self.models.sources)}
+        for spec in self.merge:
+            if spec.name in taken:
+                raise ValueError(f"merge: name {spec.name!r} is used twice (models, targets and merges share one table)")
+            taken.add(spec.name)
+
+    def world_path(self, ref: str) -> str:
+        """Resolve `world:NAME` to the file or folder inside the world's build folder."""
+        if not ref.startswith("world:"):
+            return ref
+        if self.world is None:
+            raise PivotfuseError(f"'{ref}' refers to the demo world but the recipe has no 'world' section")
+        name = ref.split(":", 1)[1]
+        base = Path(self.world.out)
+        return str(base / "data" / f"{name}.jsonl") if name in ("fusion", "heldout", "source_train", "general") \
+            else str(base / "models" / name)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
+    """Load and validate a recipe; relative paths are taken from the working directory.
+
+    `check_paths=False` validates the schema only (e.g. a GPU recipe on a machine without its models).
+    """
+    data = apply_overrides(load_yaml(path), overrides or [], str(path))
+    recipe = from_dict(Recipe, data, src=str(path))
+    if not check_paths:
+        return recipe
+    for spec in [recipe.models.pivot, *recipe.models.sources]:
+        if spec.path.startswith("world:"):
+            recipe.world_path(spec.path)  # raises when there is no world section
+        elif Path(spec.path).is_file():
+            raise PivotfuseError(f"{path}: 'models' {spec.name}: path {spec.path!r} is a file, not a model folder")
+        elif not Path(spec.path).is_dir():
+            raise PivotfuseError(f"{path}: 'models' {spec.name}: path {spec.path!r} is not a folder")
+        if spec.chat_template and not Path(spec.chat_template).is_file():
+            raise PivotfuseError(f"{path}: 'models' {spec.name}: chat_template file {spec.chat_template!r} not found")
+    for key in ("fusion", "heldout"):
+        ref = getattr(recipe.data, key)
+        if ref is None:
+            continue
+        if ref.startswith("world:"):
+            recipe.world_path(ref)
+        elif not Path(ref).exists():
+            raise PivotfuseError(f"{path}: 'data.{key}': {ref!r} not found")
+    return recipe
+
+
+def recipe_for_fuse(path: str | None, overrides: list[str], *, pivot: str | None, source: str | None,
+                    data: str | None, out: str | None, clm: bool, fuse_flags: dict) -> Recipe:
+    """The recipe of `pivotfuse fuse`: file `path` (+ `--set` overrides, keys in the whole recipe), or
+    without one a recipe of the given folders, with --pivot/--source/--data/--out and the `fuse:`
+    flags that were given (`fuse_flags`) on top."""
+    if path:
+        raw = apply_overrides(load_yaml(path), overrides, str(path))
+        src = str(path)
+    else:
+        missing = [f"--{n}" for n, v in (("pivot", pivot), ("data", data), ("out", out)) if v is None]
+        if not clm and source is None:
+            missing.append("--source")
+        if missing:
+            raise PivotfuseError(f"fuse: without --recipe, {' '.join(missing)} required")
+        raw = apply_overrides({}, overrides, "--set")
+        src = "command line"
+    models = raw.setdefault("models", {})
+    if pivot:
+        models["pivot"] = {"name": models.get("pivot", {}).get("name", "pivot"), "path": pivot}
+    if source and not path:
+        models["sources"] = [{"name": Path(source).name or "source", "path": source}]
+    if data:
+        raw.setdefault("data", {})["fusion"] = data
+    if out:
+        raw["out"] = out
+    recipe = from_dict(Recipe, raw, src=src)
+    recipe.fuse = from_dict(FuseConfig, {**to_dict(recipe.fuse), **fuse_flags}, src=src)
+    for spec in [recipe.models.pivot, *recipe.models.sources]:
+        if spec.path.startswith("world:"):
+            continue
+        refuse_file_as_folder(spec.path, f"{src}: model {spec.name}")
+        if not Path(spec.path).is_dir():
+            raise PivotfuseError(f"{src}: model {spec.name}: {spec.path!r} is not a folder")
+    fusion = recipe.world_path(recipe.data.fusion)
+    if not Path(fusion).exists():
+        raise PivotfuseError(f"{src}: fusion corpus {fusion!r} not found")
+    return recipe

@@ -1,0 +1,130 @@
+"""Run a whole recipe: the orchestration of `pivotfuse run RECIPE`.
+
+setup (world) → phase 1 per source (extract → align → fuse → train T_k) and the pivot-CLM
+baseline → phase 2 merges of the targets → evaluation (held-out loss per domain, question set
+with a judge) → one report (markdown + PNG) in the run folder. Each step is skipped when its
+output exists with the same fingerprint, so a stopped run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import yaml
+
+from core.atomic import write_text
+from core.fingerprint import folder_stamp, json_sha
+from pipeline.claims import write_run_report
+from pipeline.recipe import CLM_NAME, TARGET_PREFIX, Recipe
+from pipeline.steps import Steps
+
+
+def _log(msg: str) -> None:
+    print(f"[pivotfuse run {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _phase1(recipe: Recipe) -> tuple[dict[str, Path], Path | None]:
+    """Targets T_k for every source (and the pivot-CLM baseline); fuse_source skips finished ones."""
+    from pipeline.pairwise import fuse_source
+
+    targets = {}
+    for spec in recipe.models.sources:
+        _log(f"phase 1: fuse source {spec.name} (extract → align → fuse → train)")
+        targets[spec.name] = fuse_source(recipe, spec.name)
+    clm = None
+    if recipe.pivot_clm:
+        _log("phase 1: pivot-CLM baseline (λ = 1, same data and steps)")
+        clm = fuse_source(recipe, None)
+    return targets, clm
+
+
+def _phase2(recipe: Recipe, targets: dict[str, Path], steps: Steps) -> dict[str, Path]:
+    """Every merge of the recipe over all targets, relative to the pivot."""
+    from merge.merger import merge_models
+
+    pivot = Path(recipe.world_path(recipe.models.pivot.path))
+    merged = {}
+    for spec in recipe.merge:
+        out = Path(recipe.out) / "merged" / spec.name
+        fp = json_sha({"spec": asdict(spec), "pivot": folder_stamp(pivot),
+                   "targets": {k: folder_stamp(v) for k, v in targets.items()}})
+        if steps.fresh(f"merge:{spec.name}", fp, out):
+            _log(f"phase 2: merge {spec.name} is up to date")
+        else:
+            _log(f"phase 2: merge {spec.name} ({spec.method})")
+            merge_models(str(pivot), [str(t) for t in targets.values()], spec, str(out), overwrite=True)
+            steps.mark(f"merge:{spec.name}", fp)
+        merged[spec.name] = out
+    return merged
+
+
+def _models_to_eval(recipe: Recipe, targets: dict[str, Path], clm: Path | None,
+                    merged: dict[str, Path]) -> dict[str, str]:
+    models = {recipe.models.pivot.name: recipe.world_path(recipe.models.pivot.path)}
+    models |= {s.name: recipe.world_path(s.path) for s in recipe.models.sources}
+    if clm is not None:
+        models[CLM_NAME] = str(clm)
+    models |= {TARGET_PREFIX + k: str(v) for k, v in targets.items()}
+    models |= {k: str(v) for k, v in merged.items()}
+    return models
+
+
+def _evaluate(recipe: Recipe, models: dict[str, str], steps: Steps) -> Path:
+    """Held-out loss per domain and, with a judge, the question set; results under OUT/eval."""
+    from evals.loss import heldout_loss
+    from evals.run import run_mtbench
+
+    cfg = recipe.eval
+    out = Path(recipe.out) / "eval"
+    cfg = replace(cfg, out=str(out), demo_facts=recipe.world_path(cfg.demo_facts) if cfg.demo_facts else None)
+    templates = {s.name: s.chat_template for s in [recipe.models.pivot, *recipe.models.sources] if s.chat_template}
+    # a model rewritten since its last evaluation must not keep its old numbers
+    fp = json_sha({"models": {k: folder_stamp(Path(v)) for k, v in models.items()}, "eval": asdict(cfg)})
+    if not steps.fresh("eval", fp, out):
+        for stale in ("loss.json", "model_answer", "model_judgment"):
+            p = out / stale
+            if p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                for f in p.glob("*.jsonl"):
+                    f.unlink()
+    if recipe.data.heldout:
+        _log(f"eval: held-out loss per domain for {len(models)} models")
+        heldout_loss(models, recipe.world_path(recipe.data.heldout), cfg, chat_templates=templates, out=out)
+    if cfg.judge:
+        _log(f"eval: question set {cfg.questions!r}, judge {cfg.judge}")
+        run_mtbench(models, cfg, chat_templates=templates)
+    steps.mark("eval", fp)
+    return out
+
+
+def run_recipe(recipe: Recipe) -> Path:
+    """Run every step of `recipe`; returns the report path."""
+    import torch
+    from accelerate import PartialState
+
+    state = PartialState(cpu=torch.accelerator.current_accelerator() is None)
+    t0 = time.time()
+    out = Path(recipe.out)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "recipe.yaml", yaml.safe_dump(asdict(recipe), sort_keys=False))
+    steps = Steps(out)
+    if recipe.world is not None:
+        from world.build import build_world
+
+        _log(f"setup: demo world in {recipe.world.out}")
+        with state.main_process_first():  # one builder; the others then find it finished
+            build_world(recipe.world, progress=state.is_main_process)
+    targets, clm = _phase1(recipe)  # every process takes part (data-parallel under accelerate launch)
+    report = out / "report.md"
+    if state.is_main_process:  # merging and evaluating are single-process jobs
+        merged = _phase2(recipe, targets, steps)
+        models = _models_to_eval(recipe, targets, clm, merged)
+        eval_dir = _evaluate(recipe, models, steps)
+        report = write_run_report(recipe, eval_dir, models, list(merged))
+        _log(f"done in {time.time() - t0:.0f} s: {report}")
+    state.wait_for_everyone()
+    return report
