@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from fuse.fusion import TeacherView, fuse_sequence
-from fuse.fusion_multi import MIXED, Contributions, MultiFused, as_pairwise, fuse_multi
+from fuse.targets.fusion import TeacherView, fuse_sequence
+from fuse.targets.fusion_multi import MIXED, Contributions, MultiFused, as_pairwise, fuse_multi
 
 METHODS = ("mince", "avgce", "mince_token")
 

@@ -1,10 +1,10 @@
 """FuseLLM mode: fuse the pivot and K sources into one sparse target per conversation.
 
-Same conventions as `fuse.fusion` (pure numpy, one conversation, rows = the pivot's target
+Same conventions as `fuse.targets.fusion` (pure numpy, one conversation, rows = the pivot's target
 positions, ids −1 / log-probs −inf padding, CE in nats per character). Teacher 0 is the pivot,
 teacher j ≥ 1 is `sources[j-1]`; a source given as None has no store row for this conversation
 and drops out of it entirely (no rank, weight 0), so with every source None the target is the
-pivot's own, as `fuse.fusion.fuse_sequence(..., source=None)` gives.
+pivot's own, as `fuse.targets.fusion.fuse_sequence(..., source=None)` gives.
 
 Coverage rule: a source with no aligned distribution at a position drops out of that position.
 What stands in for it follows the pairwise meaning of the fallback, "a source was wanted here but
@@ -18,8 +18,8 @@ had none", so that K = 1 is today's pairwise result bit for bit under both fallb
   fallback: a second-best source aligned there was still judged better than the pivot, and gold
   was chosen pairwise only so as not to pull the student back to the pivot that lost.
 * `avgce_multi`: weights softmax(−CE) over the present teachers, mixed in probability space over
-  the union of ids and cut to the top k *without renormalising* (as `fuse.fusion.avgce`). At a
-  position where a source is unaligned its weight goes to the fallback distribution (gold or the
+  the union of ids and cut to the top k *without renormalising* (as `fuse.targets.fusion.avgce`).
+  At a position where a source is unaligned its weight goes to the fallback distribution (gold or the
   pivot's row), `fill_unaligned` per source. Its weight is not spread over the other sources:
   each weight is that teacher's own per-sequence judgment, and the pairwise mixture does the
   same (K = 1 with fallback "pivot" gives the pivot w_p + w_s there, summed by logsumexp).
@@ -37,9 +37,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fuse.fusion import FusedTargets, TeacherView, _fit, fill_unaligned, gold_view, merge_topk
+from fuse.targets.fusion import FALLBACKS, FusedTargets, TeacherView, fill_unaligned, fit, gold_view, merge_topk
 
-FALLBACKS = ("gold", "pivot")
 MIXED = -1  # `MultiFused.winner` of methods that mix teachers within a sequence
 
 
@@ -59,7 +58,7 @@ class MultiFused:
 
 def _check(pivot: TeacherView, sources: Sequence[TeacherView | None], gold_ids: np.ndarray, fallback: str) -> None:
     if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be 'pivot' or 'gold', got {fallback!r}")
+        raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
     sizes = [pivot.n, len(gold_ids)] + [s.n for s in sources if s is not None]
     if len(set(sizes)) != 1:
         raise ValueError(f"views disagree on the number of positions: pivot {pivot.n}, gold {len(gold_ids)}, "
@@ -68,7 +67,7 @@ def _check(pivot: TeacherView, sources: Sequence[TeacherView | None], gold_ids: 
 
 def _pivot_only(pivot: TeacherView, n_teachers: int, k: int, method: str) -> MultiFused:
     """No source has a row: the pivot's own targets (as `fuse_sequence` with source=None)."""
-    ids, lp = _fit(pivot.ids, pivot.logprobs, k)
+    ids, lp = fit(pivot.ids, pivot.logprobs, k)
     used = np.zeros((n_teachers, pivot.n), dtype=bool)
     used[0] = True
     weights = np.zeros(n_teachers)
@@ -83,12 +82,12 @@ def _select(pivot: TeacherView, sources: Sequence[TeacherView | None], gold_ids:
     """Rows by `chosen` (n,): teacher index, −1 = the fallback; cut or padded to k."""
     views = [pivot] + [s if s is not None else pivot for s in sources]  # a missing source is never chosen
     kk = max(v.ids.shape[1] for v in views)
-    fitted = [_fit(v.ids, v.logprobs, kk) for v in views]
+    fitted = [fit(v.ids, v.logprobs, kk) for v in views]
     fitted.append(gold_view(gold_ids, kk) if fallback == "gold" else fitted[0])  # slot −1
     ids = np.stack([f[0] for f in fitted])  # (T + 1, n, kk)
     lp = np.stack([f[1] for f in fitted])
     rows = np.arange(pivot.n)
-    return _fit(ids[chosen, rows], lp[chosen, rows], k)
+    return fit(ids[chosen, rows], lp[chosen, rows], k)
 
 
 def _record(chosen: np.ndarray, n_teachers: int) -> np.ndarray:
@@ -125,7 +124,7 @@ def avgce_multi(pivot: TeacherView, sources: Sequence[TeacherView | None], gold_
         return _pivot_only(pivot, T, k, "avgce")
     idx = [0] + [j for j, s in enumerate(sources, 1) if s is not None]
     ce = np.array([pivot.seq_ce] + [sources[j - 1].seq_ce for j in idx[1:]], dtype=np.float64)
-    w = np.exp(-(ce - ce.min()))  # the same float64 steps as `fuse.fusion.avgce`
+    w = np.exp(-(ce - ce.min()))  # the same float64 steps as `fuse.targets.fusion.avgce`
     w /= w.sum()
     filled = [pivot] + [fill_unaligned(sources[j - 1], pivot, gold_ids, fallback) for j in idx[1:]]
     with np.errstate(divide="ignore"):
@@ -173,14 +172,14 @@ METHODS_MULTI: dict[str, Callable[..., MultiFused]] = {
 
 def fuse_multi(method: str, pivot: TeacherView, sources: Sequence[TeacherView | None], gold_ids: np.ndarray,
                k: int, fallback: str = "gold") -> MultiFused:
-    """Dispatch by name (the names of `fuse.config.METHODS`)."""
+    """Dispatch by name (the names of `fuse.targets.fusion.METHODS`)."""
     if method not in METHODS_MULTI:
         raise ValueError(f"unknown fusion method {method!r} (choose from {', '.join(METHODS_MULTI)})")
     return METHODS_MULTI[method](pivot, sources, np.asarray(gold_ids), k, fallback)
 
 
 def as_pairwise(fused: MultiFused) -> FusedTargets:
-    """A K = 1 result as `fuse.fusion.FusedTargets`, so pairwise code can read it unchanged."""
+    """A K = 1 result as `fuse.targets.fusion.FusedTargets`, so pairwise code can read it unchanged."""
     if fused.used.shape[0] != 2:
         raise ValueError(f"as_pairwise needs one source, got {fused.used.shape[0] - 1}")
     winner = {0: "pivot", MIXED: "mixed"}.get(fused.winner, "source")
