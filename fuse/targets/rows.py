@@ -25,6 +25,7 @@ from core.loading import load_tokenizer
 from fuse.align.surface import TokenText
 from fuse.extract.store import LogitStore, TeacherRecord
 from fuse.targets.fusion import FusedTargets, TeacherView, fuse_sequence, seq_ce, translate_topk
+from fuse.targets.fusion_multi import MultiFused
 from fuse.targets.pairing import Enders, pair_positions, reply_keys, token_chars
 from fuse.targets.translate import PivotProjector, SpanTranslator
 
@@ -94,7 +95,7 @@ def scored_positions(rec: TeacherRecord, input_ids: list[int], offsets: list[tup
     return out
 
 
-def make_row(rec: TeacherRecord, tokenizer: Any, fused: FusedTargets) -> dict[str, Any]:
+def make_row(rec: TeacherRecord, tokenizer: Any, fused: FusedTargets | MultiFused) -> dict[str, Any]:
     enc = tokenizer(rec.text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"][: rec.seq_len])
     pos = scored_positions(rec, ids, enc["offset_mapping"][: rec.seq_len])
