@@ -22,6 +22,7 @@ from core.config import to_dict
 from core.errors import PivotfuseError
 from core.files import read_json
 from core.fingerprint import json_sha
+from fuse.train.config import FuseLLMConfig
 from pipeline.fusellm_report import contribution_table
 from pipeline.pairwise import CADENCE, TARGET_SETTINGS, reset_work, source_vocab_map, teacher_store, turn_enders
 from pipeline.recipe import Recipe
@@ -29,8 +30,6 @@ from pipeline.recipe import Recipe
 
 def fusellm_name(recipe: Recipe) -> str:
     """The FuseLLM-mode target's name (its folder and table row)."""
-    from fuse.train.config import FuseLLMConfig
-
     return (recipe.fusellm or FuseLLMConfig()).name
 
 
