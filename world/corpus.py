@@ -275,9 +275,10 @@ def question_key(domain: str, question: str, context: tuple, table: FactTable) -
         return r, (r,)
     if domain == "facts":
         rows = {r["country"]: r for r in table.rows}
-        country = next((c for c in rows if re.search(rf"\b{c}\b", question)), None) or context[0]  # or "its"
+        named = re.search(r"\b(?:of|represents) ([A-Z][a-z]+)\?", question)
+        country = named[1] if named else context[0] if context else question  # a follow-up says "its"
         attr = "capital" if "capital" in question else "color" if "flag" in question else "animal"
-        return rows[country][attr], (country,)
+        return rows[country][attr], (country,)  # KeyError: a country (or question) the table lacks
     if domain == "strings":
         w = re.search(r"'([a-z]+)'", question)[1]
         kind = context[0] if "same" in question else next(k for k, cue in _STRING_CUES if cue in question)
