@@ -152,7 +152,7 @@ def grade(questions: list[dict], answers: dict[Any, dict], model: str) -> list[d
         for t, (turn, key) in enumerate(zip(q["turns"], q["answers"]), 1):
             if key is None:
                 continue
-            reply = replies[t - 1] if t <= len(replies) else ""
+            reply = replies[t - 1]  # `unanswered` re-asks any answer with too few turns
             rows.append({"model": model, "question_id": q["question_id"], "category": q["category"], "turn": t,
                          "key": key, "answer": reply,
                          "correct": check_answer(reply, key, turn, rivals.get(q["category"], ()))})
