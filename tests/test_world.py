@@ -85,6 +85,23 @@ def test_trained_tokenizers_split_digits_and_spell_words():
     assert unigrams[0].tokenize("Reverse 'lantern'.")[-10:] == ["'", "l", "a", "n", "t", "e", "r", "n", "'", "."]
 
 
+def test_length_grouped_batches_cover_each_epoch_and_pad_little():
+    """Every chat once per epoch, batches of similar lengths, the same order from the same seed."""
+    from world.train import length_grouped_batches
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(1000)]
+    gen = length_grouped_batches(lengths, 16, random.Random(1))
+    epoch = [next(gen) for _ in range(63)]  # 1000 = 62 batches of 16 + one of 8
+    assert sorted(i for b in epoch for i in b) == list(range(1000))
+    pad = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in epoch)
+    naive = [list(range(k, min(k + 16, 1000))) for k in range(0, 1000, 16)]  # arbitrary order, no grouping
+    naive_pad = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in naive)
+    assert pad < naive_pad / 5, (pad, naive_pad)
+    again = length_grouped_batches(lengths, 16, random.Random(1))
+    assert [next(again) for _ in range(63)] == epoch
+
+
 def _digest(out) -> tuple:
     meta = json.loads((out / "world.json").read_text())
     data = tuple((out / "data" / f"{s}.jsonl").read_bytes()
