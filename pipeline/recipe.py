@@ -13,7 +13,7 @@ from pathlib import Path
 from core.config import apply_overrides, field, from_dict, load_yaml, to_dict
 from core.errors import PivotfuseError
 from core.loading import refuse_file_as_folder
-from world.config import WorldConfig
+from world.config import WORLD_DATA, WorldConfig
 from merge.config import MergeSpec
 from fuse.extract.config import ExtractConfig
 from fuse.train.config import FuseConfig, FuseLLMConfig
@@ -112,8 +112,7 @@ class Recipe:
             raise PivotfuseError(f"'{ref}' refers to the demo world but the recipe has no 'world' section")
         name = ref.split(":", 1)[1]
         base = Path(self.world.out)
-        return str(base / "data" / f"{name}.jsonl") if name in ("fusion", "heldout", "source_train", "general") \
-            else str(base / "models" / name)
+        return str(base / "data" / f"{name}.jsonl") if name in WORLD_DATA else str(base / "models" / name)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
