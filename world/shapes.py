@@ -6,8 +6,9 @@ Layout of OUT (as the demo world's, so `world:NAME` resolves the same way):
     data/{source_train,general,fusion,valid,heldout}.jsonl, data/{valid,heldout}_questions.jsonl
     models/NAME/      HF folder: weights, config, tokenizer with its chat template saved in it
     world.json        fingerprint, per model: architecture, vocabulary, parameters, held-out loss
-                      (nats per token against the uniform log V, nats per char), chats its template
-                      could not render, training time and peak RSS
+                      (nats per token against the uniform log V, nats per char) on its own domain (the
+                      pivot: all) and per domain, chats its template could not render, training time
+                      and peak RSS
 """
 
 from __future__ import annotations
@@ -117,17 +118,22 @@ def train_model(i: int, spec: WorldSpec, splits: dict[str, list[Conversation]], 
     model.save_pretrained(folder)
     held = chat_losses(model, tok, splits["heldout"], max_length=spec.train.max_length, batch_size=16,
                        desc=f"held-out {entry.name}")
-    scored = [h for h in held if "skipped" not in h]
-    nats, tokens, chars = (sum(h[k] for h in scored) for k in ("nats", "tokens", "chars"))
+    per_domain = {}
+    for domain in (*corpus.DOMAINS, "all"):
+        scored = [h for h, c in zip(held, splits["heldout"]) if "skipped" not in h and domain in (c.domain, "all")]
+        nats, tokens, chars = (sum(h[k] for h in scored) for k in ("nats", "tokens", "chars"))
+        per_domain[domain] = {"nats_per_token": round(nats / max(tokens, 1), 4),
+                              "nats_per_char": round(nats / max(chars, 1), 4)}
+    own = per_domain[entry.domain or "all"]  # an expert on its domain, the generalist pivot on all
     cfg = model.config
     return {"name": entry.name, "expert_of": entry.domain or "general chat", "config": entry.config,
             "architecture": cfg.model_type, "tokenizer": entry.tokenizer.folder, "vocab": len(tok),
             "template": entry.chat_template, "params": sum(p.numel() for p in model.parameters()),
             "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)), "train_steps": steps,
             "train_loss_first": round(losses[0], 4), "train_loss_last": round(losses[-1], 4),
-            "heldout_nats_per_token": round(nats / max(tokens, 1), 4), "uniform_nats_per_token": round(math.log(len(tok)), 4),
-            "heldout_nats_per_char": round(nats / max(chars, 1), 4),
-            "train_chats_skipped": dropped, "heldout_chats_skipped": len(held) - len(scored),
+            "heldout_nats_per_token": own["nats_per_token"], "uniform_nats_per_token": round(math.log(len(tok)), 4),
+            "heldout_nats_per_char": own["nats_per_char"], "heldout_per_domain": per_domain,
+            "train_chats_skipped": dropped, "heldout_chats_skipped": sum("skipped" in h for h in held),
             "train_seconds": measured["seconds"], "train_peak_rss_mb": measured["peak_rss_mb"],
             "sha256": tensor_hash(folder)}
 
@@ -189,7 +195,7 @@ def _build(spec: WorldSpec, spec_path: str, fp: str, out: Path, progress: bool) 
             rows[i] = futures[i].result()
             if progress:
                 r = rows[i]
-                print(f"world: {r['name']} ({r['config']}, vocab {r['vocab']:,}, {r['params']:,} params): held-out "
+                print(f"world: {r['name']} ({r['config']}, vocab {r['vocab']:,}, {r['params']:,} params): held-out on its domain "
                       f"{r['heldout_nats_per_token']:.3f} nats/token (uniform {r['uniform_nats_per_token']:.2f})",
                       flush=True)
     meta = {"fingerprint": fp, "spec": spec_path, "config": dataclasses.asdict(spec),
@@ -209,14 +215,14 @@ def _vocab_guess(entry: ModelEntry) -> int:
 
 def format_table(meta: dict) -> str:
     """Markdown: each model's shape, its held-out loss against uniform, skipped chats, training cost."""
-    lines = ["| model | config | vocab | params | tied | template | steps | held-out nats/token | uniform | "
-             "nats/char | chats skipped (train / held-out) | train s | peak RSS MB |",
-             "|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    lines = ["| model | expert of | config | vocab | params | tied | template | steps | held-out nats/token (own "
+             "domain) | uniform | all domains | chats skipped (train / held-out) | train s | peak RSS MB |",
+             "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|---|---:|---:|"]
     for m in meta["models"]:
-        lines.append(f"| {m['name']} | {m['config']} | {m['vocab']:,} | {m['params']:,} | "
+        lines.append(f"| {m['name']} | {m['expert_of']} | {m['config']} | {m['vocab']:,} | {m['params']:,} | "
                      f"{'yes' if m['tie_word_embeddings'] else 'no'} | {m['template']} | {m['train_steps']} | "
                      f"{m['heldout_nats_per_token']:.3f} | {m['uniform_nats_per_token']:.2f} | "
-                     f"{m['heldout_nats_per_char']:.3f} | {m['train_chats_skipped']['skipped']} / "
+                     f"{m['heldout_per_domain']['all']['nats_per_token']:.3f} | {m['train_chats_skipped']['skipped']} / "
                      f"{m['heldout_chats_skipped']} | {m['train_seconds']:.0f} | {m['train_peak_rss_mb']:.0f} |")
     lines.append(f"\nbuilt in {meta['build_seconds']} s; corpus sizes {meta['corpus']}")
     return "\n".join(lines)
