@@ -31,16 +31,29 @@ from evals.config import EvalConfig
 UNIT = "bits per byte of assistant text (UTF-8), end-of-turn token included in the numerator"
 
 
-def _scored_logits(model: Any, ids: Any, attn: Any, target: Any) -> Any:
-    """Logits at the positions that predict a scored token, (N, V). The LM head runs on those
-    rows only (with a 150k vocabulary the full (B, T, V) logits dominate the time), where that
-    gives the model's own logits (`core.logits`); else the plain full path."""
+# Logits held at once by the loss, in elements: 2^24 fp32 = 64 MiB, so its peak does not grow with the
+# batch's scored positions (at 152k-262k vocabularies (N, V) for a batch of long chats is gigabytes).
+LOGIT_BUDGET = 1 << 24
+
+
+def _scored_nll(model: Any, ids: Any, attn: Any, target: Any) -> Any:
+    """NLL of each scored token, (N,). The LM head runs on those rows only, a chunk of at most
+    LOGIT_BUDGET logits at a time, where that gives the model's own logits (`core.logits`); else the
+    plain full path. Chunks never change a row's value: each row's loss is computed independently."""
+    import torch
+    import torch.nn.functional as F
+
+    gold = ids[:, 1:][target]  # (N,)
     scored = bool(target.any())
     hidden = final_hidden(model, ids, attn) if scored and not head_path_known_bad(model) else None
     seq = int(target.any(dim=1).int().argmax())  # a sequence with scored rows to check the path on
     if scored and head_path_ok(model, ids, attn, hidden, target[seq].nonzero()[:, 0].cpu().numpy(), seq):
-        return head_logits(model, hidden[:, :-1][target])
-    return model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][target]
+        rows = hidden[:, :-1][target]  # (N, H)
+        step = max(1, LOGIT_BUDGET // model.get_output_embeddings().weight.shape[0])
+        return torch.cat([F.cross_entropy(head_logits(model, rows[i:i + step]).float(), gold[i:i + step],
+                                          reduction="none") for i in range(0, len(rows), step)])
+    logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1][target]  # (N, V)
+    return F.cross_entropy(logits.float(), gold, reduction="none")
 
 
 def chat_losses(model: Any, tokenizer: Any, convs: list[Conversation], *, max_length: int, batch_size: int,
@@ -49,7 +62,6 @@ def chat_losses(model: Any, tokenizer: Any, convs: list[Conversation], *, max_le
     a chat the template cannot render (a system message to a template without a system role) is
     `{"skipped": reason}`, never an error."""
     import torch
-    import torch.nn.functional as F
 
     items: list[Any] = []
     results: list[dict[str, Any]] = [{} for _ in convs]
@@ -81,8 +93,7 @@ def chat_losses(model: Any, tokenizer: Any, convs: list[Conversation], *, max_le
             scored[row, :n] = torch.tensor(tok.assistant, device=device)
         target = scored[:, 1:]  # token t is predicted from position t-1; token 0 has no prediction
         with torch.no_grad():
-            logits = _scored_logits(model, ids, attn, target)  # (N, V)
-        nll = F.cross_entropy(logits.float(), ids[:, 1:][target], reduction="none")  # (N,)
+            nll = _scored_nll(model, ids, attn, target)  # (N,)
         rows = target.nonzero()[:, 0]
         per_row = torch.zeros(len(idx), dtype=torch.float64, device=device).index_add_(0, rows, nll.double())
         counts = target.sum(dim=1)
