@@ -81,7 +81,7 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     import torch
     from accelerate import PartialState
 
-    from fuse.targets.rows import ROWS_VERSION, build_rows, cached_rows
+    from fuse.targets.rows import ROWS_FILE, ROWS_VERSION, build_rows, cached_rows
     from fuse.train.trainer import train_target
 
     state = PartialState(cpu=torch.accelerator.current_accelerator() is None)
@@ -113,7 +113,7 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     rows_fp = json_sha({"version": ROWS_VERSION, "pivot": p_store.manifest["fingerprint"],
                     "source": s_store.manifest["fingerprint"] if s_store else None,
                     "vocab": vmap_info.get("fingerprint"), **settings})
-    ignore = {"save_steps", "save_total_limit", "logging_steps"} | (set(target_only) if s_store is None else set())
+    ignore = {"save_steps", "save_total_limit", "logging_steps", "workers"} | (set(target_only) if s_store is None else set())
     fingerprint = json_sha({"rows": rows_fp, "samples": report_samples,
                         "fuse": {k: v for k, v in to_dict(cfg).items() if k not in ignore}})
     report_file = target / "fusion_report.json"
@@ -124,9 +124,9 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     eos = (_eos(pivot_path), _eos(recipe.world_path(source.path)) if s_store is not None else None)
     source_path = recipe.world_path(source.path) if source else None
     with state.main_process_first():
-        ds, fuse_stats = cached_rows(work, rows_fp, lambda: build_rows(
+        ds, fuse_stats = cached_rows(work, rows_fp, lambda folder: build_rows(
             p_store, s_store, pivot_path, source_path, vmap, method=cfg.method, k=cfg.top_k, fallback=cfg.fallback,
-            translate=cfg.translate, eos=eos))
+            translate=cfg.translate, eos=eos, workers=cfg.workers, out=folder / ROWS_FILE), writes=True)
     train = ds.remove_columns(["id", "domain"])
     sample = train.select(range(min(report_samples, len(train))))
 

@@ -65,7 +65,8 @@ def build_map(pivot: str, source: str, data: str, out: str | Path, cfg: AlignCon
     convs = load_conversations(data, limit=cfg.limit)
     code = source_bytes(Path(__file__).parent, CODE)
     fingerprint = digest(code, tokenizer_files(pivot), tokenizer_files(source), p_tpl, s_tpl,
-                         [(c.id, c.messages) for c in convs], asdict(cfg) | {"checkpoint_every": None})
+                         [(c.id, c.messages) for c in convs],
+                         {k: v for k, v in asdict(cfg).items() if k != "workers"} | {"checkpoint_every": None})
     if out.is_file():
         try:
             old = VocabMap.load(out)
