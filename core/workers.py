@@ -52,26 +52,33 @@ def ordered_map(fn: Callable[[Any, T], R], tasks: Iterable[T], workers: int, set
     """`fn(state, task)` for each task, yielded in task order, over `workers` processes (1: here).
 
     `fn` and `setup` must be module-level functions (they are pickled where processes are spawned).
-    An error in a task is raised here, as it would be in one process.
+    An error in a task is raised here, as it would be in one process; so is a worker that died
+    (`BrokenProcessPool`), rather than a wait for a result that never comes.
     """
+    from concurrent.futures import ProcessPoolExecutor
+
     state = setup(*setup_args)
     if workers <= 1:
         for task in tasks:
             yield fn(state, task)
         return
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
     if method == "fork":
         _STATE["state"] = state  # the workers inherit it
     window = window or 2 * workers
     try:
-        with ctx.Pool(workers, initializer=_init, initargs=(setup, setup_args)) as pool:
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context(method), initializer=_init,
+                                 initargs=(setup, setup_args)) as pool:
             pending: deque = deque()
-            for task in tasks:
-                pending.append(pool.apply_async(_run, (fn, task)))
-                if len(pending) >= window:
-                    yield pending.popleft().get()
-            while pending:
-                yield pending.popleft().get()
+            try:
+                for task in tasks:
+                    pending.append(pool.submit(_run, fn, task))
+                    if len(pending) >= window:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:  # stopped early (an error, or the caller stopped): drop the queued tasks
+                for f in pending:
+                    f.cancel()
     finally:
         _STATE.pop("state", None)
