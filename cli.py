@@ -20,7 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("commands.run", "run a whole recipe: world → extract/align/fuse per source → merges → eval → report"),
     "eval": ("commands.eval", "evaluate chat models: MT-Bench-style judging, held-out loss, report"),
     "align": ("commands.align", "map a source model's vocabulary onto the pivot's over a chat corpus (MinED alignment)"),
-    "fuse": ("commands.fuse", "train target T_k: the pivot fused with one source (extract, align, MinCE targets, train)"),
+    "fuse": ("commands.fuse", "train target T_k: the pivot fused with one source (extract, align, MinCE targets, train), "
+                              "or with several in one run (--sources: FuseLLM mode)"),
     "sample": ("commands.sample", "sample N answers per prompt from each source model (FastChat answer files, resumable)"),
     "score": ("commands.score", "reward each sampled answer: reward model, LLM judge or verifier (resumable)"),
 }

@@ -53,6 +53,9 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else "a mapping" if dataclasses.is_dataclass(a) else _type_name(a)
+                          for a in typing.get_args(tp))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -68,6 +71,9 @@ def _convert(value: Any, tp: Any, key: str, src: str) -> Any:
         options = [a for a in args if a is not type(None)]
         if len(options) == 1:  # Optional[X]: X's own, more precise error
             return _convert(value, options[0], key, src)
+        sections = [a for a in options if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # a mapping means the section: its own errors
+            return _convert(value, sections[0], key, src)
         for a in options:
             try:
                 return _convert(value, a, key, src)

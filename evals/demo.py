@@ -12,7 +12,7 @@ from pathlib import Path
 
 from core.errors import PivotfuseError
 
-_ARITH = [(23, "+", 58, 7), (91, "-", 36, 12), (7, "x", 8, 5), (64, "+", 29, 15), (12, "x", 11, 3)]
+_ARITH = [(23, "+", 58, 7), (91, "-", 36, 12), (7, "x", 8, 5), (64, "+", 29, 15), (9, "x", 6, 3)]  # the world's ranges
 _STRINGS = [("reverse", "lantern", "upper", "harbor"), ("count", "dolphin", "first", "quartz"),
             ("dash", "magnet", "reverse", "pillow"), ("upper", "kettle", "count", "velvet"),
             ("first", "umbrella", "dash", "cactus")]

@@ -150,16 +150,24 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def generate_answers(questions: list[dict], backend: Any, out: str | Path, cfg: EvalConfig) -> Path:
-    """Answer every turn of every question not yet in `OUT/model_answer/<backend.name>.jsonl`."""
+def unanswered(questions: list[dict], path: Path) -> list[dict]:
+    """The questions an answer file has no complete answer to (one reply per turn)."""
+    done = {r["question_id"]: r for r in load_answers(path)}
+    return [q for q in questions if q["question_id"] not in done
+            or len(done[q["question_id"]]["choices"][0]["turns"]) != len(q["turns"])]
+
+
+def generate_answers(questions: list[dict], backend: Any, out: str | Path, cfg: EvalConfig,
+                     temperature: float | None = None) -> Path:
+    """Answer every turn of every question not yet in `OUT/model_answer/<backend.name>.jsonl`,
+    at FastChat's temperature for its category, or at `temperature` for all (0: greedy)."""
     path = Path(out) / "model_answer" / f"{backend.name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    done = {r["question_id"]: r for r in load_answers(path)}
-    todo = [q for q in questions if q["question_id"] not in done
-            or len(done[q["question_id"]]["choices"][0]["turns"]) != len(q["turns"])]
+    todo = unanswered(questions, path)
     by_temp: dict[float, list[dict]] = {}
     for q in todo:
-        by_temp.setdefault(temperature_for(q["category"]), []).append(q)
+        t = temperature_for(q["category"]) if temperature is None else temperature
+        by_temp.setdefault(t, []).append(q)
     size = max(cfg.batch_size, cfg.concurrency)
     with tqdm(total=len(todo), desc=f"answers {backend.name}", unit="q", disable=not todo) as bar:
         for temp, group in by_temp.items():

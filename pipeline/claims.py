@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from core.atomic import write_text
+from pipeline.fusellm_report import comparison_table, contribution_section, fusellm_claims
 from pipeline.recipe import CLM_NAME, TARGET_PREFIX, Recipe
 
 
@@ -40,6 +41,11 @@ def claims(recipe: Recipe, loss: dict[str, dict], merged: list[str]) -> list[tup
     return rows
 
 
+def _section(lines: list[str]) -> list[str]:
+    """A report section after a blank line; nothing when it is empty."""
+    return ["", *lines] if lines else []
+
+
 def write_run_report(recipe: Recipe, eval_dir: Path, models: dict[str, str], merged: list[str]) -> Path:
     """OUT/report.md (+ report.png): the eval table, mean loss over domains, and the claims."""
     from evals.report import build_table, plot
@@ -53,10 +59,13 @@ def write_run_report(recipe: Recipe, eval_dir: Path, models: dict[str, str], mer
     if loss:
         lines += ["| model | mean bits/byte over domains |", "|---|---:|"]
         lines += [f"| {name} | {mean_over_domains(loss[name]):.4f} |" for name in models if name in loss]
-        checks = claims(recipe, loss, merged)
+        means = {name: mean_over_domains(row) for name, row in loss.items()}
+        checks = claims(recipe, loss, merged) + fusellm_claims(recipe, loss, means)
         if checks:
             lines += ["", "| claim | holds | numbers |", "|---|---|---|"]
             lines += [f"| {c} | {'yes' if ok else '**no**'} | {n} |" for c, ok, n in checks]
+        lines += _section(comparison_table(recipe, loss, means, merged))
+    lines += _section(contribution_section(recipe, models))
     md_path = out / "report.md"
     write_text(md_path, "\n".join(lines) + "\n")
     plot(data, out / "report.png")

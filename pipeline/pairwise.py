@@ -29,8 +29,11 @@ from core.fingerprint import json_sha
 from core.loading import load_tokenizer
 from pipeline.recipe import CLM_NAME, ModelSpec, Recipe
 
+TARGET_SETTINGS = ("method", "top_k", "fallback", "translate", "temperature")  # `fuse:` keys of the fusion term
+CADENCE = ("save_steps", "save_total_limit", "logging_steps", "workers")  # `fuse:` keys that never change a target
 
-def _store(recipe: Recipe, spec: ModelSpec, data: str):
+
+def teacher_store(recipe: Recipe, spec: ModelSpec, data: str):
     """Extract (or reuse, or resume) the logit store of one model over the fusion corpus."""
     from fuse.extract.config import ExtractJob
     from fuse.extract.extract import extract
@@ -43,7 +46,7 @@ def _store(recipe: Recipe, spec: ModelSpec, data: str):
     return LogitStore(cfg.out)
 
 
-def _vocab_map(recipe: Recipe, pivot: ModelSpec, source: ModelSpec, data: str) -> tuple[Any, dict]:
+def source_vocab_map(recipe: Recipe, pivot: ModelSpec, source: ModelSpec, data: str) -> tuple[Any, dict]:
     """Source id → pivot id (−1 = unmapped) and the map's statistics + fingerprint + path, built over
     the fusion corpus in `OUT/align/SOURCE/vocab_map.json` with the recipe's `align:` settings (they
     are in the map's fingerprint: a changed one rebuilds it)."""
@@ -55,7 +58,7 @@ def _vocab_map(recipe: Recipe, pivot: ModelSpec, source: ModelSpec, data: str) -
     return vmap.mapping, {**vmap.stats, "fingerprint": vmap.fingerprint, "path": str(out)}
 
 
-def _reset_work(work: Path, fingerprint: str, is_main: bool) -> None:
+def reset_work(work: Path, fingerprint: str, is_main: bool) -> None:
     """Checkpoints and the before-training loss belong to one fingerprint: other settings start over."""
     stamp = work / "fingerprint.json"
     if is_main:
@@ -66,7 +69,7 @@ def _reset_work(work: Path, fingerprint: str, is_main: bool) -> None:
             write_text(stamp, json.dumps({"fingerprint": fingerprint}) + "\n")
 
 
-def _eos(path: str) -> list[str]:
+def turn_enders(path: str) -> list[str]:
     """The tokens that end an assistant turn under this model's template (as core.chat finds them)."""
     from core.chat import end_of_turn_tokens
 
@@ -100,28 +103,28 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     pivot_path = recipe.world_path(pivot.path)
     data = recipe.world_path(recipe.data.fusion)
 
-    p_store = _store(recipe, pivot, data)
-    s_store = _store(recipe, source, data) if source and cfg.lam < 1.0 else None
+    p_store = teacher_store(recipe, pivot, data)
+    s_store = teacher_store(recipe, source, data) if source and cfg.lam < 1.0 else None
     vmap, vmap_info = (None, {})
     if s_store is not None:
         with state.main_process_first():  # the main process builds the map, the others read it
-            vmap, vmap_info = _vocab_map(recipe, pivot, source, data)
+            vmap, vmap_info = source_vocab_map(recipe, pivot, source, data)
     # Fingerprints hold what changes the result: not logging/saving cadence, and for pivot-CLM
     # (λ = 1) not the settings of the fusion term either.
-    target_only = ("method", "top_k", "fallback", "translate", "temperature")
+    target_only = TARGET_SETTINGS
     settings = {k: getattr(cfg, k) for k in target_only} if s_store is not None else {}
     rows_fp = json_sha({"version": ROWS_VERSION, "pivot": p_store.manifest["fingerprint"],
                     "source": s_store.manifest["fingerprint"] if s_store else None,
                     "vocab": vmap_info.get("fingerprint"), **settings})
-    ignore = {"save_steps", "save_total_limit", "logging_steps", "workers"} | (set(target_only) if s_store is None else set())
+    ignore = set(CADENCE) | (set(target_only) if s_store is None else set())
     fingerprint = json_sha({"rows": rows_fp, "samples": report_samples,
                         "fuse": {k: v for k, v in to_dict(cfg).items() if k not in ignore}})
     report_file = target / "fusion_report.json"
     if report_file.is_file() and read_json(report_file).get("fingerprint") == fingerprint:
         return target  # already trained with these inputs and settings
     with state.main_process_first():
-        _reset_work(work, fingerprint, state.is_main_process)
-    eos = (_eos(pivot_path), _eos(recipe.world_path(source.path)) if s_store is not None else None)
+        reset_work(work, fingerprint, state.is_main_process)
+    eos = (turn_enders(pivot_path), turn_enders(recipe.world_path(source.path)) if s_store is not None else None)
     source_path = recipe.world_path(source.path) if source else None
     with state.main_process_first():
         ds, fuse_stats = cached_rows(work, rows_fp, lambda folder: build_rows(

@@ -13,10 +13,10 @@ from pathlib import Path
 from core.config import apply_overrides, field, from_dict, load_yaml, to_dict
 from core.errors import PivotfuseError
 from core.loading import refuse_file_as_folder
-from world.config import WorldConfig
+from world.config import WORLD_DATA, WorldConfig
 from merge.config import MergeSpec
 from fuse.extract.config import ExtractConfig
-from fuse.train.config import FuseConfig
+from fuse.train.config import FuseConfig, FuseLLMConfig
 from fuse.align.config import AlignConfig
 from evals.config import EvalConfig
 
@@ -67,14 +67,42 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation: MT-Bench-style judging, held-out loss, report")
     fuse: FuseConfig = field(default_factory=FuseConfig, help="pairwise fusion: targets, loss, training of each T_k")
     align: AlignConfig = field(default_factory=AlignConfig, help="token/vocabulary alignment of each source onto the pivot")
+    fusellm: FuseLLMConfig | bool | None = field(
+        None, help="FuseLLM mode: also train one target from the pivot and several sources at once "
+                   "(true: every source, named fusellm; or {name, sources})")
+
+    def __post_init__(self) -> None:
+        # `fusellm: true` is the section with its defaults; `false` is no section
+        if isinstance(self.fusellm, bool):
+            self.fusellm = FuseLLMConfig() if self.fusellm else None
 
     def validate(self) -> None:
         taken = {self.models.pivot.name, CLM_NAME, *(s.name for s in self.models.sources),
                  *(TARGET_PREFIX + s.name for s in self.models.sources)}
+        if isinstance(self.fusellm, FuseLLMConfig):
+            self.fusellm_sources()  # raises on a name that is not a source
+            if self.fusellm.name in taken:
+                raise ValueError(f"fusellm.name: {self.fusellm.name!r} is already a model or target name "
+                                 "(models, targets and merges share one table)")
+            taken.add(self.fusellm.name)
         for spec in self.merge:
             if spec.name in taken:
                 raise ValueError(f"merge: name {spec.name!r} is used twice (models, targets and merges share one table)")
             taken.add(spec.name)
+
+    def fusellm_sources(self) -> list[ModelSpec]:
+        """The sources of the FuseLLM-mode target, in the order `fusellm.sources` names them (all
+        of models.sources when it names none); at least two."""
+        cfg = self.fusellm if isinstance(self.fusellm, FuseLLMConfig) else FuseLLMConfig()
+        specs = {s.name: s for s in self.models.sources}
+        for name in cfg.sources:
+            if name not in specs:
+                raise ValueError(f"fusellm.sources: {name!r} is not in models.sources ({', '.join(specs) or 'none'})")
+        chosen = [specs[n] for n in cfg.sources] if cfg.sources else list(self.models.sources)
+        if len(chosen) < 2:
+            raise ValueError(f"fusellm.sources: FuseLLM mode needs at least two sources, the recipe has "
+                             f"{len(chosen)} (one source is pairwise fusion: fuse --source NAME)")
+        return chosen
 
     def world_path(self, ref: str) -> str:
         """Resolve `world:NAME` to the file or folder inside the world's build folder."""
@@ -84,8 +112,7 @@ class Recipe:
             raise PivotfuseError(f"'{ref}' refers to the demo world but the recipe has no 'world' section")
         name = ref.split(":", 1)[1]
         base = Path(self.world.out)
-        return str(base / "data" / f"{name}.jsonl") if name in ("fusion", "heldout", "source_train", "general") \
-            else str(base / "models" / name)
+        return str(base / "data" / f"{name}.jsonl") if name in WORLD_DATA else str(base / "models" / name)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
@@ -118,16 +145,23 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_path
 
 
 def recipe_for_fuse(path: str | None, overrides: list[str], *, pivot: str | None, source: str | None,
-                    data: str | None, out: str | None, clm: bool, fuse_flags: dict) -> Recipe:
+                    data: str | None, out: str | None, clm: bool, fuse_flags: dict,
+                    sources: list[str] | None = None, fusellm: bool = False) -> Recipe:
     """The recipe of `pivotfuse fuse`: file `path` (+ `--set` overrides, keys in the whole recipe), or
     without one a recipe of the given folders, with --pivot/--source/--data/--out and the `fuse:`
-    flags that were given (`fuse_flags`) on top."""
+    flags that were given (`fuse_flags`) on top. `sources` (--sources) or `fusellm` (--fusellm) ask
+    for the FuseLLM-mode target: `sources` become its `fusellm.sources` (names in the recipe, else
+    model folders)."""
+    if sources is not None:
+        _check_sources_flag(sources)
     if path:
         raw = apply_overrides(load_yaml(path), overrides, str(path))
         src = str(path)
     else:
         missing = [f"--{n}" for n, v in (("pivot", pivot), ("data", data), ("out", out)) if v is None]
-        if not clm and source is None:
+        if fusellm and sources is None:
+            missing.append("--sources")
+        elif not clm and source is None and sources is None:
             missing.append("--source")
         if missing:
             raise PivotfuseError(f"fuse: without --recipe, {' '.join(missing)} required")
@@ -138,6 +172,25 @@ def recipe_for_fuse(path: str | None, overrides: list[str], *, pivot: str | None
         models["pivot"] = {"name": models.get("pivot", {}).get("name", "pivot"), "path": pivot}
     if source and not path:
         models["sources"] = [{"name": Path(source).name or "source", "path": source}]
+    if sources is not None or fusellm:
+        section = raw.get("fusellm")
+        section = dict(section) if isinstance(section, dict) else {}
+        if sources is not None and not path:  # model folders, named by their folder names
+            names = [Path(s).name or f"source{i}" for i, s in enumerate(sources, 1)]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise PivotfuseError(f"fuse: --sources: two folders are named {dup[0]!r}; give them distinct names "
+                                     "in a recipe")
+            models["sources"] = [{"name": n, "path": s} for n, s in zip(names, sources)]
+            section["sources"] = names
+        elif sources is not None:
+            known = [s.get("name") if isinstance(s, dict) else s for s in models.get("sources") or []]
+            for name in sources:
+                if name not in known:
+                    raise PivotfuseError(f"fuse: --sources: {name!r} is not in the recipe's models.sources "
+                                         f"({', '.join(map(str, known)) or 'none'})")
+            section["sources"] = list(sources)
+        raw["fusellm"] = section
     if data:
         raw.setdefault("data", {})["fusion"] = data
     if out:
@@ -154,3 +207,13 @@ def recipe_for_fuse(path: str | None, overrides: list[str], *, pivot: str | None
     if not Path(fusion).exists():
         raise PivotfuseError(f"{src}: fusion corpus {fusion!r} not found")
     return recipe
+
+
+def _check_sources_flag(sources: list[str]) -> None:
+    """`fuse --sources`: at least two, each once."""
+    if len(sources) < 2:
+        raise PivotfuseError(f"fuse: --sources needs at least two sources, got {len(sources)} "
+                             "(one source is pairwise fusion: --source NAME)")
+    dup = sorted({s for s in sources if sources.count(s) > 1})
+    if dup:
+        raise PivotfuseError(f"fuse: --sources: {dup[0]!r} is given twice")

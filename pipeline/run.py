@@ -1,9 +1,11 @@
 """Run a whole recipe: the orchestration of `pivotfuse run RECIPE`.
 
-setup (world) → phase 1 per source (extract → align → fuse → train T_k) and the pivot-CLM
-baseline → phase 2 merges of the targets → evaluation (held-out loss per domain, question set
-with a judge) → one report (markdown + PNG) in the run folder. Each step is skipped when its
-output exists with the same fingerprint, so a stopped run continues where it stopped.
+setup (world) → phase 1 per source (extract → align → fuse → train T_k), the pivot-CLM
+baseline and, with a `fusellm:` section, the FuseLLM-mode target (all sources in one run, on the
+same stores and maps) → phase 2 merges of the pairwise targets → evaluation (held-out loss per
+domain, question set with a judge) → one report (markdown + PNG) in the run folder. Each step is
+skipped when its output exists with the same fingerprint, so a stopped run continues where it
+stopped.
 """
 
 from __future__ import annotations
@@ -40,6 +42,17 @@ def _phase1(recipe: Recipe) -> tuple[dict[str, Path], Path | None]:
     return targets, clm
 
 
+def _fusellm(recipe: Recipe) -> Path | None:
+    """The FuseLLM-mode target of the recipe's `fusellm:` section (on the stores and maps of phase 1)."""
+    from pipeline.fusellm import fuse_sources
+
+    if recipe.fusellm is None:
+        return None
+    names = ", ".join(s.name for s in recipe.fusellm_sources())
+    _log(f"phase 1: FuseLLM mode, {recipe.fusellm.name} from the pivot and {names} in one run")
+    return fuse_sources(recipe)
+
+
 def _phase2(recipe: Recipe, targets: dict[str, Path], steps: Steps) -> dict[str, Path]:
     """Every merge of the recipe over all targets, relative to the pivot."""
     from merge.merger import merge_models
@@ -61,12 +74,14 @@ def _phase2(recipe: Recipe, targets: dict[str, Path], steps: Steps) -> dict[str,
 
 
 def _models_to_eval(recipe: Recipe, targets: dict[str, Path], clm: Path | None,
-                    merged: dict[str, Path]) -> dict[str, str]:
+                    merged: dict[str, Path], fusellm: Path | None = None) -> dict[str, str]:
     models = {recipe.models.pivot.name: recipe.world_path(recipe.models.pivot.path)}
     models |= {s.name: recipe.world_path(s.path) for s in recipe.models.sources}
     if clm is not None:
         models[CLM_NAME] = str(clm)
     models |= {TARGET_PREFIX + k: str(v) for k, v in targets.items()}
+    if fusellm is not None and recipe.fusellm is not None:
+        models[recipe.fusellm.name] = str(fusellm)
     models |= {k: str(v) for k, v in merged.items()}
     return models
 
@@ -119,10 +134,11 @@ def run_recipe(recipe: Recipe) -> Path:
         with state.main_process_first():  # one builder; the others then find it finished
             build_world(recipe.world, progress=state.is_main_process)
     targets, clm = _phase1(recipe)  # every process takes part (data-parallel under accelerate launch)
+    fusellm = _fusellm(recipe)
     report = out / "report.md"
     if state.is_main_process:  # merging and evaluating are single-process jobs
-        merged = _phase2(recipe, targets, steps)
-        models = _models_to_eval(recipe, targets, clm, merged)
+        merged = _phase2(recipe, targets, steps)  # FuseChat merges the pairwise targets only
+        models = _models_to_eval(recipe, targets, clm, merged, fusellm)
         eval_dir = _evaluate(recipe, models, steps)
         report = write_run_report(recipe, eval_dir, models, list(merged))
         _log(f"done in {time.time() - t0:.0f} s: {report}")

@@ -129,6 +129,18 @@ def eval_loss(specs: list[str], template_flags: list[str], cfg: EvalConfig) -> s
     return build_table(cfg.out, list(models))[0]
 
 
+def eval_accuracy(specs: list[str], template_flags: list[str], cfg: EvalConfig) -> str:
+    """Exact-answer accuracy per domain of every model on `cfg.questions` (questions with key
+    `answers`), into `cfg.out`: the table."""
+    from evals.accuracy import answer_accuracy, format_table
+
+    if cfg.questions == "demo":
+        raise PivotfuseError("eval accuracy: pass --questions FILE, questions with key 'answers' "
+                             "(e.g. WORLD/data/heldout_questions.jsonl)")
+    models, templates = model_specs(specs, template_flags)
+    return format_table(answer_accuracy(models, cfg.questions, cfg, templates))
+
+
 def eval_report(out: str, models: list[str] | None, judge: str | None) -> tuple[Path, Path]:
     """`OUT/report.md` and `OUT/report.png` of everything evaluated in `out`."""
     from evals.report import write_report

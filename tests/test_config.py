@@ -150,6 +150,8 @@ def test_demo_recipe_loads():
     assert r.models.pivot.name == "pivot" and [s.name for s in r.models.sources] == ["arith", "facts", "strings"]
     assert r.world_path("world:fusion").endswith("data/fusion.jsonl")
     assert r.world_path("world:arith").endswith("models/arith")
+    assert r.world_path("world:valid").endswith("data/valid.jsonl")  # settings are chosen on it, never scored
+    assert r.world_path("world:heldout_questions").endswith("data/heldout_questions.jsonl")
 
 
 def test_recipe_errors(tmp_path):

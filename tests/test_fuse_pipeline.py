@@ -163,7 +163,7 @@ def test_recipe_align_section_shapes_the_vocabulary_map(tokenizer_dirs, tmp_path
     from pipeline.recipe import load_recipe
     from fuse.align.build import build_map
     from fuse.align.config import AlignConfig
-    from pipeline.pairwise import _vocab_map
+    from pipeline.pairwise import source_vocab_map
     from test_align_cli import write_chats
     from test_align_vocab import CHATML, INST
 
@@ -177,7 +177,7 @@ def test_recipe_align_section_shapes_the_vocabulary_map(tokenizer_dirs, tmp_path
                  f"{tmp_path / 'inst.jinja'}}}\ndata: {{fusion: {data}}}\n"
                  "align: {limit: 5, halo: 0, theta: -1, max_length: 40}\n")
     recipe = load_recipe(r)
-    mapping, info = _vocab_map(recipe, recipe.models.pivot, recipe.models.sources[0], str(data))
+    mapping, info = source_vocab_map(recipe, recipe.models.pivot, recipe.models.sources[0], str(data))
     templates = dict(pivot_template=str(tmp_path / "chatml.jinja"), source_template=str(tmp_path / "inst.jinja"))
     ref = build_map(str(llama2), str(llama2), str(data), tmp_path / "ref.json",
                     AlignConfig(limit=5, halo=0, theta=-1, max_length=40), progress=False, **templates)
@@ -189,7 +189,7 @@ def test_recipe_align_section_shapes_the_vocabulary_map(tokenizer_dirs, tmp_path
     assert default.stats["conversations"] == 12 and default.fingerprint != ref.fingerprint
     # a changed setting rebuilds the map in place; the default settings give the default map, byte for byte
     recipe = load_recipe(r, ["align={}"])
-    _, info = _vocab_map(recipe, recipe.models.pivot, recipe.models.sources[0], str(data))
+    _, info = source_vocab_map(recipe, recipe.models.pivot, recipe.models.sources[0], str(data))
     assert info["fingerprint"] == default.fingerprint
     assert Path(info["path"]).read_bytes() == (tmp_path / "default.json").read_bytes()
 

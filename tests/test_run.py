@@ -26,6 +26,8 @@ def test_recipes_validate_without_downloading(name):
         assert r.fuse.bf16 and r.fuse.gradient_checkpointing and r.extract.max_length == 2048
         assert r.fuse.batch_size * r.fuse.grad_accum * 8 == 128  # global batch on the 8-GPU accelerate config
         assert r.models.pivot.path.endswith("openchat_3.5")
+    if name == "demo.yaml":  # FuseLLM mode beside the pairwise targets, over every source
+        assert r.fusellm.name == "fusellm" and [s.name for s in r.fusellm_sources()] == ["arith", "facts", "strings"]
     if name == "fusechat-7b-v2.yaml":
         assert len(r.models.sources) == 5
         assert (r.merge[0].method, r.merge[0].select_topk, r.merge[0].sce_mask) == ("sce", 0.1, "fusechat")
@@ -59,20 +61,27 @@ def test_run_end_to_end_and_resume(world, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr[-2000:]
     report = (out / "report.md").read_text()
-    for name in ("pivot", "arith", "pivot-clm", "T_arith", "T_facts", "T_strings", "sce", "linear"):
+    for name in ("pivot", "arith", "pivot-clm", "T_arith", "T_facts", "T_strings", "fusellm", "sce", "linear"):
         assert f"| {name} |" in report
+    assert "| fusellm < pivot-clm < pivot (mean over domains) |" in report
+    assert "| **fusellm** (FuseLLM mode) |" in report and "| sce (pairwise, then merged) |" in report
+    assert "## How much each source contributed to the FuseLLM-mode target" in report
     assert (out / "report.png").stat().st_size > 1000
-    for t in ("arith", "facts", "strings", "pivot-clm"):
+    for t in ("arith", "facts", "strings", "pivot-clm", "fusellm"):
         assert (out / "targets" / t / "fusion_report.json").is_file()
+    fusellm = json.loads((out / "targets" / "fusellm" / "fusion_report.json").read_text())
+    assert fusellm["steps"] == 3 and fusellm["sources"] == ["arith", "facts", "strings"]
     steps = json.loads((out / "steps.json").read_text())
     assert {"merge:sce", "merge:linear", "eval"} <= set(steps)
     stamp = (out / "targets" / "arith" / "model.safetensors").stat().st_mtime_ns
+    fusellm_stamp = (out / "targets" / "fusellm" / "model.safetensors").stat().st_mtime_ns
     merged_stamp = (out / "merged" / "sce" / "model.safetensors").stat().st_mtime_ns
     # a rerun finds every step done and rewrites nothing
     r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert "merge sce is up to date" in r2.stdout
     assert (out / "targets" / "arith" / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (out / "targets" / "fusellm" / "model.safetensors").stat().st_mtime_ns == fusellm_stamp
     assert (out / "merged" / "sce" / "model.safetensors").stat().st_mtime_ns == merged_stamp
 
 

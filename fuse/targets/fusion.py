@@ -136,7 +136,7 @@ def gold_view(gold_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids, lp
 
 
-def _fit(ids: np.ndarray, lp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def fit(ids: np.ndarray, lp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Pad or cut (n, m) top-k arrays to k columns (rows are sorted already)."""
     if ids.shape[1] >= k:
         return ids[:, :k].astype(np.int32), lp[:, :k].astype(np.float32)
@@ -155,9 +155,9 @@ def fill_unaligned(source: TeacherView, pivot: TeacherView, gold_ids: np.ndarray
         raise ValueError(f"views disagree on the number of positions: source {source.n}, pivot {pivot.n}, "
                          f"gold {len(gold_ids)}")
     k = max(source.ids.shape[1], pivot.ids.shape[1])
-    s_ids, s_lp = _fit(source.ids, source.logprobs, k)
+    s_ids, s_lp = fit(source.ids, source.logprobs, k)
     if fallback == "pivot":
-        f_ids, f_lp = _fit(pivot.ids, pivot.logprobs, k)
+        f_ids, f_lp = fit(pivot.ids, pivot.logprobs, k)
         f_ce = pivot.token_ce
     elif fallback == "gold":
         f_ids, f_lp = gold_view(gold_ids, k)
@@ -180,10 +180,10 @@ def mince(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k: int,
     filled = fill_unaligned(source, pivot, gold_ids, fallback)
     unaligned = ~source.aligned
     if source.seq_ce < pivot.seq_ce:
-        ids, lp = _fit(filled.ids, filled.logprobs, k)
+        ids, lp = fit(filled.ids, filled.logprobs, k)
         return FusedTargets(ids, lp, from_source=source.aligned.copy(), fallback=unaligned.copy(),
                             winner="source", source_weight=1.0)
-    ids, lp = _fit(pivot.ids, pivot.logprobs, k)
+    ids, lp = fit(pivot.ids, pivot.logprobs, k)
     none = np.zeros(pivot.n, dtype=bool)
     return FusedTargets(ids, lp, from_source=none, fallback=none.copy(), winner="pivot", source_weight=0.0)
 
@@ -218,10 +218,10 @@ def mince_token(pivot: TeacherView, source: TeacherView, gold_ids: np.ndarray, k
     filled = fill_unaligned(source, pivot, gold_ids, fallback)
     take = filled.token_ce < pivot.token_ce  # (n,)
     kk = max(pivot.ids.shape[1], filled.ids.shape[1])
-    p_ids, p_lp = _fit(pivot.ids, pivot.logprobs, kk)
+    p_ids, p_lp = fit(pivot.ids, pivot.logprobs, kk)
     ids = np.where(take[:, None], filled.ids, p_ids)
     lp = np.where(take[:, None], filled.logprobs, p_lp)
-    ids, lp = _fit(ids, lp, k)
+    ids, lp = fit(ids, lp, k)
     from_source = take & source.aligned
     return FusedTargets(ids, lp, from_source=from_source, fallback=take & ~source.aligned, winner="mixed",
                         source_weight=float(from_source.mean()) if pivot.n else 0.0)
@@ -231,7 +231,7 @@ def fuse_sequence(method: str, pivot: TeacherView, source: TeacherView | None, g
                   fallback: str = "gold") -> FusedTargets:
     """Dispatch by name; with no source (a one-teacher run) the target is the pivot's own."""
     if source is None:
-        ids, lp = _fit(pivot.ids, pivot.logprobs, k)
+        ids, lp = fit(pivot.ids, pivot.logprobs, k)
         none = np.zeros(pivot.n, dtype=bool)
         return FusedTargets(ids, lp, from_source=none, fallback=none.copy(), winner="pivot", source_weight=0.0)
     if method not in METHODS:

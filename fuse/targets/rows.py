@@ -33,6 +33,7 @@ from core.workers import ordered_map, resolve_workers
 from fuse.align.surface import TokenText
 from fuse.extract.store import LogitStore, TeacherRecord
 from fuse.targets.fusion import FusedTargets, TeacherView, fuse_sequence, seq_ce, translate_topk
+from fuse.targets.fusion_multi import MultiFused
 from fuse.targets.pairing import Enders, key_codes, pair_codes, token_chars
 from fuse.targets.rows_arrow import ROWS_FILE, RowsWriter, batch_bytes, load_rows, read_batches, rows_batch
 from fuse.targets.translate import PivotProjector, SpanTranslator
@@ -179,7 +180,7 @@ def row_tokens(rec: TeacherRecord, ids: np.ndarray, offsets: np.ndarray) -> tupl
     return ids, labels
 
 
-def make_row(rec: TeacherRecord, tokenizer: Any, fused: FusedTargets) -> dict[str, Any]:
+def make_row(rec: TeacherRecord, tokenizer: Any, fused: FusedTargets | MultiFused) -> dict[str, Any]:
     (ids, offsets), = encode(tokenizer, [rec.text])
     ids, labels = row_tokens(rec, ids, offsets)
     return {"id": rec.id, "domain": rec.domain or "", "input_ids": ids.tolist(), "labels": labels.tolist(),

@@ -1,4 +1,6 @@
-"""The `fuse:` recipe section: how each target T_k is trained from the pivot and source S_k.
+"""The `fuse:` recipe section: how each target T_k is trained from the pivot and source S_k; and the
+`fusellm:` section: one target fused from the pivot and several sources in one run (FuseLLM mode),
+trained with the same `fuse:` settings.
 
 Defaults are FuseChat's 7B settings (λ 0.9, k 10, T 1.0, lr 5e-6, cosine, warm-up 0.03,
 3 epochs); the demo recipe overrides the optimiser settings for its tiny models.
@@ -70,3 +72,23 @@ class FuseConfig:
             raise ValueError(f"workers: must be >= 0 (0: one per CPU core), got {self.workers}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclass
+class FuseLLMConfig:
+    """FuseLLM mode: one target from the pivot and K sources at once (MinCE / AvgCE over K + 1
+    distributions per sequence), trained with the `fuse:` settings on the pairwise stores and maps."""
+
+    name: str = field("fusellm", help="the target's name: OUT/targets/NAME and its row in the run's tables")
+    sources: list[str] = field(default_factory=list,
+                               help="names from models.sources fused together (at least two; empty: every source)")
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ValueError(f"name: must be a plain folder name, got {self.name!r}")
+        dup = sorted({s for s in self.sources if self.sources.count(s) > 1})
+        if dup:
+            raise ValueError(f"sources: {dup[0]!r} is named twice")
+        if len(self.sources) == 1:
+            raise ValueError(f"sources: FuseLLM mode needs at least two sources, got only {self.sources[0]!r} "
+                             "(one source is pairwise fusion: fuse --source NAME)")
