@@ -48,16 +48,18 @@ def _run(fn: Callable[[Any, T], R], task: T) -> R:
 
 
 def ordered_map(fn: Callable[[Any, T], R], tasks: Iterable[T], workers: int, setup: Callable[..., Any],
-                setup_args: tuple = (), window: int | None = None) -> Iterator[R]:
+                setup_args: tuple = (), window: int | None = None, state: Any = None) -> Iterator[R]:
     """`fn(state, task)` for each task, yielded in task order, over `workers` processes (1: here).
 
     `fn` and `setup` must be module-level functions (they are pickled where processes are spawned).
+    `state`: `setup(*setup_args)` already made by the caller (then setup runs only in spawned workers).
     An error in a task is raised here, as it would be in one process; so is a worker that died
     (`BrokenProcessPool`), rather than a wait for a result that never comes.
     """
     from concurrent.futures import ProcessPoolExecutor
 
-    state = setup(*setup_args)
+    if state is None:
+        state = setup(*setup_args)
     if workers <= 1:
         for task in tasks:
             yield fn(state, task)

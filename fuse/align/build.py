@@ -160,8 +160,7 @@ def build_map(pivot: str, source: str, data: str, out: str | Path, cfg: AlignCon
     from tqdm.auto import tqdm
 
     from fuse.align.coverage import Coverage
-    from fuse.align.surface import TokenText
-    from fuse.align.vocab import VocabMap, VocabMapBuilder, template_markers
+    from fuse.align.vocab import VocabMap, VocabMapBuilder
 
     out = Path(out)
     for label, folder in (("pivot", pivot), ("source", source)):
@@ -186,9 +185,9 @@ def build_map(pivot: str, source: str, data: str, out: str | Path, cfg: AlignCon
         if old is not None and old.fingerprint == fingerprint:
             return old
     out.parent.mkdir(parents=True, exist_ok=True)
-    p_tok, s_tok = load_tokenizer(pivot), load_tokenizer(source)
-    builder = VocabMapBuilder(TokenText(p_tok), TokenText(s_tok), template_markers(p_tok, p_tpl),
-                              template_markers(s_tok, s_tpl))
+    args = (pivot, source, p_tpl, s_tpl, cfg.max_length, cfg.halo, cfg.theta)
+    work = _align_setup(*args)  # the tokenizers once: for the builder here, inherited by forked workers
+    builder = VocabMapBuilder(work.p_tt, work.s_tt, *work.markers)
     cov = Coverage()
     skipped = truncated = start = 0
     partial = out.with_name(out.name + ".partial")
@@ -217,8 +216,8 @@ def build_map(pivot: str, source: str, data: str, out: str | Path, cfg: AlignCon
     spent: dict[str, float] = dict.fromkeys(("render", "tokenise", "align", "count", "merge", "build"), 0.0)
     tokens = pivot_tokens = 0
     done = start
-    args = (pivot, source, p_tpl, s_tpl, cfg.max_length, cfg.halo, cfg.theta)
-    shards = ordered_map(_align_shard, _shards(data, cfg.limit, start, size), workers, _align_setup, args)
+    shards = ordered_map(_align_shard, _shards(data, cfg.limit, start, size), workers, _align_setup, args,
+                         state=work)
     with tqdm(total=n, initial=start, desc=f"align {Path(source).name} → {Path(pivot).name}", unit="conv",
               disable=not progress) as bar:
         for part in shards:
