@@ -31,7 +31,7 @@ from core.measure import phase
 from pipeline.recipe import CLM_NAME, ModelSpec, Recipe
 
 TARGET_SETTINGS = ("method", "top_k", "fallback", "translate", "temperature")  # `fuse:` keys of the fusion term
-CADENCE = ("save_steps", "save_total_limit", "logging_steps")  # `fuse:` keys that never change a target
+CADENCE = ("save_steps", "save_total_limit", "logging_steps", "workers")  # `fuse:` keys that never change a target
 
 
 def teacher_store(recipe: Recipe, spec: ModelSpec, data: str):
@@ -88,7 +88,7 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     import torch
     from accelerate import PartialState
 
-    from fuse.targets.rows import ROWS_VERSION, build_rows, cached_rows
+    from fuse.targets.rows import ROWS_FILE, ROWS_VERSION, build_rows, cached_rows
     from fuse.train.trainer import train_target
 
     state = PartialState(cpu=torch.accelerator.current_accelerator() is None)
@@ -131,9 +131,9 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     eos = (turn_enders(pivot_path), turn_enders(recipe.world_path(source.path)) if s_store is not None else None)
     source_path = recipe.world_path(source.path) if source else None
     with state.main_process_first():
-        ds, fuse_stats = cached_rows(work, rows_fp, lambda: build_rows(
+        ds, fuse_stats = cached_rows(work, rows_fp, lambda folder: build_rows(
             p_store, s_store, pivot_path, source_path, vmap, method=cfg.method, k=cfg.top_k, fallback=cfg.fallback,
-            translate=cfg.translate, eos=eos))
+            translate=cfg.translate, eos=eos, workers=cfg.workers, out=folder / ROWS_FILE), writes=True)
     train = ds.remove_columns(["id", "domain"])
     sample = train.select(range(min(report_samples, len(train))))
 
