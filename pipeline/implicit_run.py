@@ -13,6 +13,7 @@ same inputs (`steps.json`). A model made again takes its samples, scores and eva
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -62,12 +63,17 @@ def select_prompts(prompts: list, per_domain: int | None) -> list:
     return kept
 
 
-def gold_rows(sft_file: Path, prompts: list) -> list[dict]:
+def gold_rows(sft_file: Path, prompts: list, src: str) -> list[dict]:
     """The baseline's rows: the prompts of the SFT rows, each with its gold answer (the chat's own reply)."""
+    from core.errors import PivotfuseError
+
     by_key = {p.key: p for p in prompts}
     rows = []
     for _, row in read_jsonl(sft_file):
         p = by_key[json.dumps(row["id"])]
+        if not p.reference:
+            raise PivotfuseError(f"{src}: 'gold_baseline': prompt {p.id!r} has no gold answer (its chat ends with "
+                                 "a user turn, or a question has no reference); set gold_baseline: false")
         rows.append({"id": p.id, "prompt": p.messages, "completion": [{"role": "assistant", "content": p.reference}],
                      "source": "gold", "score": None})
     return rows
@@ -158,6 +164,8 @@ def run_implicit(recipe: ImplicitRunRecipe, src: str) -> Path:
     from pipeline.implicit_report import write_report
 
     t0 = time.time()
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    cpu0 = use.ru_utime + use.ru_stime
     phases = Phases()
     out = Path(recipe.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -191,7 +199,7 @@ def run_implicit(recipe: ImplicitRunRecipe, src: str) -> Path:
     if recipe.gold_baseline:
         gold = data / "sft_gold.jsonl"
         write_text(gold, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in gold_rows(data / "sft.jsonl",
-                                                                                            prompts)))
+                                                                                            prompts, src)))
         trained[GOLD_NAME] = phases.run("train SFT-gold", lambda: _train(
             steps, "sft", GOLD_NAME, target, gold, models_dir / GOLD_NAME, recipe.sft, tmpl))
     _log(f"sample and score {SFT_NAME} (WRPO's own answers)")
@@ -213,6 +221,9 @@ def run_implicit(recipe: ImplicitRunRecipe, src: str) -> Path:
     _log(f"eval: exact accuracy and bits per byte of {len(models)} models")
     acc, loss = _evaluate(recipe, models, out, phases)
     phases.seconds["total"] = round(time.time() - t0, 1)
+    # CPU seconds of this process: what the run costs whatever else the machine is doing
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    phases.seconds["cpu (user + sys) of the run"] = round(use.ru_utime + use.ru_stime - cpu0, 1)
     report = write_report(recipe, out, acc, loss, build, phases.seconds, explicit, len(prompts))
     _log(f"done in {time.time() - t0:.0f} s: {report}")
     return report
