@@ -19,9 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pipeline.implicit_recipe import is_implicit_recipe
     from pipeline.recipe import load_recipe
     from pipeline.run import run_recipe
 
+    if is_implicit_recipe(args.recipe):  # target + sources: implicit fusion (FuseChat-3.0 / WRPO)
+        from pipeline.implicit_run import run_implicit_recipe
+
+        print(run_implicit_recipe(args.recipe, args.set).read_text())
+        return 0
     recipe = load_recipe(args.recipe, args.set)
     if not recipe.models.sources:
         raise PivotfuseError(f"{args.recipe}: 'models.sources' is empty: nothing to fuse")
