@@ -103,7 +103,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "demo.yaml"))
     ap.add_argument("--out", default=str(REPO / "runs" / "tune"))
+    ap.add_argument("--opt", nargs="+", metavar="LR:EPOCHS", help="stage 1 grid (default: 1e-3 and 3e-3 × 3 and 6 epochs)")
+    ap.add_argument("--fusion", nargs="+", metavar="LAMBDA:T", help="stage 2 grid, in this order "
+                    "(default: 0.9:1 0.5:1 0:1 0:2)")
     args = ap.parse_args()
+    optimisers = [{"fuse.lr": float(a), "fuse.epochs": float(b)} for a, b in (o.split(":") for o in args.opt)] \
+        if args.opt else OPTIMISERS
+    fusion = [{"fuse.lam": float(a), "fuse.temperature": float(b)} for a, b in (f.split(":") for f in args.fusion)] \
+        if args.fusion else FUSION
     t0 = time.time()
     tuner = Tuner(Path(args.recipe), Path(args.out).resolve())
     doms = list(dict.fromkeys(tuner.sources.values()))
@@ -111,10 +118,10 @@ def main() -> None:
                       tuner.out / "reference")
     print(f"valid split, reference models ({time.time() - t0:.0f} s):")
     for n, s in ref.items():
-        print(f"  {n:10s} " + "  ".join(f"{d} {s['accuracy'][d]:.1%} / {s['bpb'][d]:.3f}" for d in doms))
+        print(f"  {n:10s} " + "  ".join(f"{d} {s['accuracy'][d]:.1%} / {s['bpb'][d]:.3f}" for d in doms), flush=True)
 
     stage1 = []
-    for opt in OPTIMISERS:
+    for opt in optimisers:
         run = tuner.train(opt, [CLM_NAME])
         s = tuner.score({CLM_NAME: str(run / "targets" / CLM_NAME)}, run / "valid")[CLM_NAME]
         stage1.append({"point": opt, "accuracy": _mean([s["accuracy"][d] for d in doms]),
@@ -125,7 +132,7 @@ def main() -> None:
     best_opt, clm_scores = chosen1["point"], chosen1["per_domain"]
 
     stage2 = []
-    for fus in FUSION:
+    for fus in fusion:
         point = best_opt | fus
         run = tuner.train(point, list(tuner.sources))  # pivot-CLM (λ = 1) is stage 1's at this optimiser
         s = tuner.score({TARGET_PREFIX + n: str(run / "targets" / n) for n in tuner.sources}, run / "valid")

@@ -91,6 +91,38 @@ def test_accuracy_claims_and_transfers():
     assert "bits_per_byte" not in t["T_strings"] and t["T_strings"]["accuracy"]["ratio"] == pytest.approx(-1 / 6)
 
 
+def test_fusellm_accuracy_claims_and_column():
+    from pipeline.fusellm_report import comparison_table, fusellm_accuracy_claims
+
+    r = load_recipe(REPO / "recipes" / "demo.yaml", check_paths=False)
+    doms = ["arith", "facts", "strings"]
+
+    def row(*vals):
+        return dict(zip(doms, vals))
+
+    acc = {"pivot": row(0.0, 0.2, 0.2), "pivot-clm": row(0.1, 0.3, 0.2), "fusellm": row(0.5, 0.3, 0.9),
+           "arith": row(0.9, 0.0, 0.0), "facts": row(0.0, 1.0, 0.0), "strings": row(0.0, 0.0, 0.9)}
+    got = {c: (ok, n) for c, ok, n in fusellm_accuracy_claims(r, acc)}
+    assert got["fusellm > pivot-clm > pivot (accuracy, mean over expert domains)"] == (True, "56.7% > 20.0% > 13.3%")
+    assert got["fusellm > pivot-clm on arith (accuracy)"][0] and not got["fusellm > pivot-clm on facts (accuracy)"][0]
+    assert got["fusellm ≥ best single source on strings (strings) (accuracy)"] == (True, "90.0% ≥ 90.0%")
+    assert not got["fusellm ≥ best single source on arith (arith) (accuracy)"][0]
+    assert len(got) == 7
+    # pivot-CLM without a figure on strings: its mean is NaN and the mean claim fails
+    short = acc | {"pivot-clm": row(0.1, 0.3)}
+    assert not dict((c, ok) for c, ok, _ in fusellm_accuracy_claims(r, short))[
+        "fusellm > pivot-clm > pivot (accuracy, mean over expert domains)"]
+    assert fusellm_accuracy_claims(r, {k: v for k, v in acc.items() if k != "fusellm"}) == []
+    loss = {n: {d: {"bits_per_byte": 1.0} for d in doms} for n in acc}
+    means = {n: 1.0 for n in acc}
+    table = comparison_table(r, loss, means, [], {n: sum(v.values()) / 3 for n, v in acc.items()})
+    assert table[4].endswith("| mean over domains | accuracy, mean over expert domains |")
+    assert "| **fusellm** (FuseLLM mode) | 1.000 | 1.000 | 1.000 | 1.0000 | 56.7% |" in table
+    assert any(line.startswith("| best single source per domain |") and line.endswith("| 1.0000 | – |")
+               for line in table)
+    assert not comparison_table(r, loss, means, [])[4].endswith("expert domains |")  # no accuracy: no column
+
+
 @pytest.mark.slow
 def test_run_end_to_end_and_resume(world, tmp_path):
     out = tmp_path / "run"
