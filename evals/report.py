@@ -151,7 +151,7 @@ def accuracy_table(acc: dict[str, dict[str, dict]], models: list[str], domains: 
                  for d in domains]
         mean = mean_of({d: v["accuracy"] for d, v in row.items()}, expert)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt(100 * mean, 1)}% |")
-    return lines
+    return lines if len(lines) > 2 else []  # no model with figures: no table
 
 
 def loss_table(bpb: dict[str, dict[str, float]], models: list[str], domains: list[str]) -> list[str]:
@@ -159,7 +159,7 @@ def loss_table(bpb: dict[str, dict[str, float]], models: list[str], domains: lis
     lines = ["| model | " + " | ".join(domains) + " | mean over domains |", "|---|" + "---:|" * (len(domains) + 1)]
     lines += [f"| {n} | " + " | ".join(_fmt(bpb[n].get(d, math.nan), 3) for d in domains)
               + f" | {_fmt(mean_of(bpb[n], domains), 4)} |" for n in models if n in bpb]
-    return lines
+    return lines if len(lines) > 2 else []
 
 
 def score_table(scores: dict[str, dict[str, float]], models: list[str]) -> list[str]:
@@ -167,7 +167,7 @@ def score_table(scores: dict[str, dict[str, float]], models: list[str]) -> list[
     lines = ["| model | turn 1 | turn 2 | average | judged | unparseable |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {n} | {_fmt(s['turn1'])} | {_fmt(s['turn2'])} | {_fmt(s['average'])} | {s['judged']} | "
               f"{s['unparseable']} |" for n in models if (s := scores.get(n))]
-    return lines
+    return lines if len(lines) > 2 else []  # no judge: no table
 
 
 def _short(name: str) -> str:

@@ -181,7 +181,7 @@ def write_run_report(recipe: Recipe, eval_dir: Path, models: dict[str, str], mer
     lines += _section("Held-out bits per byte", loss_table(bpb, names, loss_domains),
                       "Held-out loss in bits per byte of assistant text (lower is better; comparable across "
                       "tokenizers).")
-    lines += _section(f"Scores of the {judge or 'judge'} judge on the two-turn question set",
+    lines += _section(f"Scores of the {judge} judge on the question set" if judge else "Judge scores on the question set",
                       score_table(scores, names), "MT-Bench-style scores (1–10); unparseable judgments are left "
                       "out of the means.")
     lines += _section("Claims", ["| claim | metric | holds | numbers |", "|---|---|---|---|"]
