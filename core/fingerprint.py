@@ -42,6 +42,31 @@ def digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
+class StreamDigest:
+    """`digest(*parts)` built part by part, with a list part fed item by item (`items`): the same
+    16 hex digits as `digest` of the whole list, without the list in memory."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def part(self, p: Any) -> None:
+        self._h.update(p if isinstance(p, bytes) else json.dumps(p, sort_keys=True, default=str).encode())
+
+    def items(self, values: Iterable[Any]) -> int:
+        """Add `list(values)` as one part (json.dumps writes a list as '[' + ', '.join(items) + ']');
+        returns the number of items."""
+        n = 0
+        self._h.update(b"[")
+        for v in values:
+            self._h.update((b", " if n else b"") + json.dumps(v, sort_keys=True, default=str).encode())
+            n += 1
+        self._h.update(b"]")
+        return n
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()[:16]
+
+
 def model_fingerprint(path: Path) -> str:
     """Content identity of a model folder: config.json plus, per weight file, its name, size and 17
     sampled 64 KiB blocks. Changes when any checkpoint is retrained, survives a copy (no mtimes),

@@ -43,6 +43,18 @@ def head_logits(model: Any, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def head_transform(model: Any) -> tuple[float, float | None]:
+    """The output transforms of `head_logits` as (scale, softcap): logits = softcap·tanh(scale·z / softcap)
+    (softcap None: scale·z), for code that runs the LM head's matmul itself (the chunked fusion loss)."""
+    cfg = _text_config(model)
+    scale = 1.0
+    if getattr(cfg, "logit_scale", None):
+        scale *= cfg.logit_scale
+    if getattr(cfg, "logits_scaling", None):
+        scale /= cfg.logits_scaling
+    return float(scale), (float(cfg.final_logit_softcapping) if getattr(cfg, "final_logit_softcapping", None) else None)
+
+
 def final_hidden(model: Any, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor | None:
     """(B, T, H) final hidden states from the model's decoder, or None if it has no separable one."""
     try:

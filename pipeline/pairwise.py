@@ -26,11 +26,12 @@ from core.config import to_dict
 from core.errors import PivotfuseError
 from core.files import read_json
 from core.fingerprint import json_sha
-from core.loading import load_tokenizer
+from core.loading import load_tokenizer, vocab_size
+from core.measure import phase
 from pipeline.recipe import CLM_NAME, ModelSpec, Recipe
 
 TARGET_SETTINGS = ("method", "top_k", "fallback", "translate", "temperature")  # `fuse:` keys of the fusion term
-CADENCE = ("save_steps", "save_total_limit", "logging_steps")  # `fuse:` keys that never change a target
+CADENCE = ("save_steps", "save_total_limit", "logging_steps", "workers")  # `fuse:` keys that never change a target
 
 
 def teacher_store(recipe: Recipe, spec: ModelSpec, data: str):
@@ -42,7 +43,8 @@ def teacher_store(recipe: Recipe, spec: ModelSpec, data: str):
     cfg = ExtractJob.of(recipe.extract, model=recipe.world_path(spec.path), data=data,
                         out=str(Path(recipe.out) / "extract" / spec.name),
                         chat_template=spec.chat_template or recipe.extract.chat_template)
-    extract(cfg)  # collective under accelerate; a complete store with the same fingerprint is kept
+    with phase("extract", spec.name, vocab=vocab_size(cfg.model)):
+        extract(cfg)  # collective under accelerate; a complete store with the same fingerprint is kept
     return LogitStore(cfg.out)
 
 
@@ -53,8 +55,10 @@ def source_vocab_map(recipe: Recipe, pivot: ModelSpec, source: ModelSpec, data: 
     from fuse.align.build import build_map
 
     out = Path(recipe.out) / "align" / source.name / "vocab_map.json"
-    vmap = build_map(recipe.world_path(pivot.path), recipe.world_path(source.path), data, out, recipe.align,
-                     pivot_template=pivot.chat_template, source_template=source.chat_template)
+    p_path, s_path = recipe.world_path(pivot.path), recipe.world_path(source.path)
+    with phase("vocab map", source.name, vocab=vocab_size(s_path), pivot_vocab=vocab_size(p_path)):
+        vmap = build_map(p_path, s_path, data, out, recipe.align,
+                         pivot_template=pivot.chat_template, source_template=source.chat_template)
     return vmap.mapping, {**vmap.stats, "fingerprint": vmap.fingerprint, "path": str(out)}
 
 
@@ -84,7 +88,7 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     import torch
     from accelerate import PartialState
 
-    from fuse.targets.rows import ROWS_VERSION, build_rows, cached_rows
+    from fuse.targets.rows import ROWS_FILE, ROWS_VERSION, build_rows, cached_rows
     from fuse.train.trainer import train_target
 
     state = PartialState(cpu=torch.accelerator.current_accelerator() is None)
@@ -127,9 +131,9 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
     eos = (turn_enders(pivot_path), turn_enders(recipe.world_path(source.path)) if s_store is not None else None)
     source_path = recipe.world_path(source.path) if source else None
     with state.main_process_first():
-        ds, fuse_stats = cached_rows(work, rows_fp, lambda: build_rows(
+        ds, fuse_stats = cached_rows(work, rows_fp, lambda folder: build_rows(
             p_store, s_store, pivot_path, source_path, vmap, method=cfg.method, k=cfg.top_k, fallback=cfg.fallback,
-            translate=cfg.translate, eos=eos))
+            translate=cfg.translate, eos=eos, workers=cfg.workers, out=folder / ROWS_FILE), writes=True)
     train = ds.remove_columns(["id", "domain"])
     sample = train.select(range(min(report_samples, len(train))))
 
@@ -147,7 +151,8 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
         (folder / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
         (folder / "README.md").write_text(model_card(report))
 
-    train_target(cfg, pivot_path, train, str(target), str(work), eval_dataset=sample, write_extra=write_extra)
+    with phase("train target", name, vocab=vocab_size(pivot_path), rows=len(train)):
+        train_target(cfg, pivot_path, train, str(target), str(work), eval_dataset=sample, write_extra=write_extra)
     return target
 
 

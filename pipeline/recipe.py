@@ -54,6 +54,14 @@ class DataConfig:
 
 
 @dataclass
+class WorldSpecRef:
+    """A world built from a spec file (`world.spec`): real architectures, tokenizers and templates."""
+
+    spec: str = field(help="the world spec (YAML): each model's config class and settings, tokenizer, template")
+    out: str = field(".cache/spec-world", help="folder the world is built into (reused when its fingerprint matches)")
+
+
+@dataclass
 class Recipe:
     """A whole run: world (optional) → models → data → (later sections: extract, fuse, merge, eval)."""
 
@@ -69,6 +77,9 @@ class Recipe:
                                                        "file with key answers (greedy)")
     fuse: FuseConfig = field(default_factory=FuseConfig, help="pairwise fusion: targets, loss, training of each T_k")
     align: AlignConfig = field(default_factory=AlignConfig, help="token/vocabulary alignment of each source onto the pivot")
+    world_spec: WorldSpecRef | None = field(
+        None, help="build a world from a spec file first ({spec, out}); `models` may then be left out: the "
+                   "spec's pivot and sources, as world:NAME")
     fusellm: FuseLLMConfig | bool | None = field(
         None, help="FuseLLM mode: also train one target from the pivot and several sources at once "
                    "(true: every source, named fusellm; or {name, sources})")
@@ -79,6 +90,8 @@ class Recipe:
             self.fusellm = FuseLLMConfig() if self.fusellm else None
 
     def validate(self) -> None:
+        if self.world is not None and self.world_spec is not None:
+            raise ValueError("world_spec: a recipe has one world: the demo world (world) or a spec world (world_spec)")
         taken = {self.models.pivot.name, CLM_NAME, *(s.name for s in self.models.sources),
                  *(TARGET_PREFIX + s.name for s in self.models.sources)}
         if isinstance(self.fusellm, FuseLLMConfig):
@@ -110,11 +123,27 @@ class Recipe:
         """Resolve `world:NAME` to the file or folder inside the world's build folder."""
         if not ref.startswith("world:"):
             return ref
-        if self.world is None:
+        if self.world is None and self.world_spec is None:
             raise PivotfuseError(f"'{ref}' refers to the demo world but the recipe has no 'world' section")
         name = ref.split(":", 1)[1]
-        base = Path(self.world.out)
+        base = Path(self.world.out if self.world is not None else self.world_spec.out)
         return str(base / "data" / f"{name}.jsonl") if name in WORLD_DATA else str(base / "models" / name)
+
+
+def models_from_world_spec(raw: dict, src: str) -> dict:
+    """A recipe with a `world_spec` section and no `models`: the spec's pivot and sources, as
+    `world:NAME` with their domains, so adding a source to the spec adds it to the run."""
+    ref = raw.get("world_spec")
+    if "models" in raw or not isinstance(ref, dict) or not isinstance(ref.get("spec"), str):
+        return raw  # the schema check names what is wrong with the section
+    from world.spec import load_spec
+
+    if not Path(ref["spec"]).is_file():
+        raise PivotfuseError(f"{src}: 'world_spec.spec': file {ref['spec']!r} not found")
+    spec = load_spec(ref["spec"])
+    models = {"pivot": {"name": spec.pivot.name, "path": f"world:{spec.pivot.name}"},
+              "sources": [{"name": m.name, "path": f"world:{m.name}", "domain": m.domain} for m in spec.sources]}
+    return {**raw, "models": models}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_paths: bool = True) -> Recipe:
@@ -122,7 +151,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_path
 
     `check_paths=False` validates the schema only (e.g. a GPU recipe on a machine without its models).
     """
-    data = apply_overrides(load_yaml(path), overrides or [], str(path))
+    data = models_from_world_spec(apply_overrides(load_yaml(path), overrides or [], str(path)), str(path))
     recipe = from_dict(Recipe, data, src=str(path))
     if not check_paths:
         return recipe
@@ -163,7 +192,7 @@ def recipe_for_fuse(path: str | None, overrides: list[str], *, pivot: str | None
     if sources is not None:
         _check_sources_flag(sources)
     if path:
-        raw = apply_overrides(load_yaml(path), overrides, str(path))
+        raw = models_from_world_spec(apply_overrides(load_yaml(path), overrides, str(path)), str(path))
         src = str(path)
     else:
         missing = [f"--{n}" for n, v in (("pivot", pivot), ("data", data), ("out", out)) if v is None]

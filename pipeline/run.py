@@ -18,8 +18,10 @@ from pathlib import Path
 import yaml
 
 from core.atomic import write_text
+from core.measure import phase
 from core.fingerprint import file_stamp, folder_stamp, json_sha
 from pipeline.claims import write_run_report
+from pipeline.phases import append_phase_table, start_phases
 from pipeline.recipe import CLM_NAME, TARGET_PREFIX, Recipe
 from pipeline.steps import Steps
 
@@ -68,7 +70,8 @@ def _phase2(recipe: Recipe, targets: dict[str, Path], steps: Steps) -> dict[str,
             _log(f"phase 2: merge {spec.name} is up to date")
         else:
             _log(f"phase 2: merge {spec.name} ({spec.method})")
-            merge_models(str(pivot), [str(t) for t in targets.values()], spec, str(out), overwrite=True)
+            with phase("merge", spec.name, method=spec.method, models=len(targets)):
+                merge_models(str(pivot), [str(t) for t in targets.values()], spec, str(out), overwrite=True)
             steps.mark(f"merge:{spec.name}", fp)
         merged[spec.name] = out
     return merged
@@ -179,12 +182,19 @@ def run_recipe(recipe: Recipe) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "recipe.yaml", yaml.safe_dump(asdict(recipe), sort_keys=False))
     steps = Steps(out)
+    phases = start_phases(out) if state.is_main_process else None
     if recipe.world is not None:
         from world.build import build_world
 
         _log(f"setup: demo world in {recipe.world.out}")
         with state.main_process_first():  # one builder; the others then find it finished
             build_world(recipe.world, progress=state.is_main_process)
+    if recipe.world_spec is not None:
+        from world.shapes import build_spec_world
+
+        _log(f"setup: the world of {recipe.world_spec.spec} in {recipe.world_spec.out}")
+        with state.main_process_first():
+            build_spec_world(recipe.world_spec.spec, recipe.world_spec.out, progress=state.is_main_process)
     targets, clm = _phase1(recipe)  # every process takes part (data-parallel under accelerate launch)
     fusellm = _fusellm(recipe)
     report = out / "report.md"
@@ -194,6 +204,7 @@ def run_recipe(recipe: Recipe) -> Path:
         eval_dir = _evaluate(recipe, models, steps)
         accuracy = _accuracy(recipe, models, steps)
         report = write_run_report(recipe, eval_dir, models, list(merged), accuracy)
+        append_phase_table(report, phases)  # time and peak RSS of each phase per model
         _log(f"done in {time.time() - t0:.0f} s: {report}")
     state.wait_for_everyone()
     return report

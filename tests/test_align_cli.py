@@ -81,7 +81,8 @@ def test_align_cli_real_tokenizers(tokenizer_dirs, tmp_path, capsys):
 
 def test_align_cli_resumes_after_interruption(llama2_pair, tmp_path, monkeypatch):
     data = write_chats(tmp_path / "chats.jsonl", n=9)
-    args = [*llama2_pair, "--data", str(data), "--checkpoint-every", "2"]
+    # one process: the interruption counts calls, and each worker process would count its own
+    args = [*llama2_pair, "--data", str(data), "--checkpoint-every", "2", "--workers", "1"]
     assert run_align(*args, "--out", str(tmp_path / "fresh.json")) == 0
     import fuse.align.chat as chat_align
 
@@ -211,3 +212,55 @@ def test_align_cli_file_given_as_a_model(tokenizer_dirs, tmp_path, capsys):
         assert run_align(*args, "--data", str(data), "--out", str(tmp_path / "m.json")) == 2
         assert capsys.readouterr().err == f"pivotfuse align: error: {flag}: {file} is a file, not a model folder\n"
 
+
+def test_align_cli_same_map_with_one_and_two_processes(llama2_pair, tmp_path):
+    """Shards of 2 conversations (`--checkpoint-every 2`) over 1 and 2 processes: the same bytes; the
+    fingerprint, hashed while the corpus streams by, is the one of the whole corpus list (maps made
+    before the corpus was streamed are reused)."""
+    from dataclasses import asdict
+    from pathlib import Path as P
+
+    from core.chat import load_conversations
+    from core.fingerprint import digest, source_bytes, tokenizer_files
+    from fuse.align.build import CODE
+    from fuse.align.config import AlignConfig
+
+    data = write_chats(tmp_path / "chats.jsonl", n=11)
+    outs = []
+    for workers in ("1", "2"):
+        outs.append(tmp_path / f"map{workers}.json")
+        assert run_align(*llama2_pair, "--data", str(data), "--checkpoint-every", "2", "--workers", workers,
+                         "--out", str(outs[-1])) == 0
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+    import fuse.align.build as build
+
+    cfg = AlignConfig(checkpoint_every=2)
+    whole = digest(source_bytes(P(build.__file__).parent, CODE), tokenizer_files(llama2_pair[1]),
+                   tokenizer_files(llama2_pair[3]), (tmp_path / "chatml.jinja").read_text(),
+                   (tmp_path / "inst.jinja").read_text(), [(c.id, c.messages) for c in load_conversations(data)],
+                   {k: v for k, v in asdict(cfg).items() if k != "workers"} | {"checkpoint_every": None})
+    vmap = VocabMap.load(outs[0])
+    assert vmap.fingerprint == whole
+    # the map of one builder fed conversation by conversation, as before the shards
+    from core.chat import render_chat, tokenize_chat
+    from core.loading import load_tokenizer
+    from fuse.align.chat import ChatTokens, align_chat
+    from fuse.align.coverage import Coverage
+    from fuse.align.surface import TokenText
+    from fuse.align.vocab import VocabMapBuilder, template_markers
+
+    tok = load_tokenizer(llama2_pair[1])
+    tpl = [(tmp_path / f).read_text() for f in ("chatml.jinja", "inst.jinja")]
+    tt = TokenText(tok)
+    ref, cov = VocabMapBuilder(tt, tt, *(template_markers(tok, t) for t in tpl)), Coverage()
+    for conv in load_conversations(data):
+        r = [render_chat(tok, conv.messages, t) for t in tpl]
+        ids = [tokenize_chat(tok, x, cfg.max_length) for x in r]
+        al = align_chat(*(ChatTokens.from_tokenized(x, i) for x, i in zip(r, ids)), tt, tt, halo=cfg.halo,
+                        theta=cfg.theta)
+        ref.add(al, ids[0].input_ids, ids[1].input_ids)
+        cov.add(al, ids[0].input_ids, ids[1].input_ids)
+    serial = ref.build()
+    assert np.array_equal(vmap.mapping, serial.mapping) and vmap.stats["conversations"] == 11
+    assert {k: v for k, v in vmap.stats.items() if k in serial.stats} == serial.stats
+    assert vmap.stats["coverage"] == cov.report(serial.mapping)

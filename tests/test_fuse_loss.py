@@ -128,3 +128,105 @@ def test_bad_arguments():
         fusion_loss(logits, labels, ids, lp, lam=1.5)
     with pytest.raises(ValueError, match="shape mismatch"):
         fusion_loss(logits, labels[:, :-1], ids, lp)
+
+
+# --- the chunked loss: hidden states and the LM head's weight instead of logits -------------------
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def head_batch(N=3, L=7, H=16, V=29, k=5, seed=0, dtype=torch.float32, device="cpu"):
+    """Hidden states, an LM head and fusion targets with padded top-k entries, a labelled position
+    without any target, unlabelled positions and a repeated target id."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, L, H, generator=g, dtype=dtype)
+    weight = torch.randn(V, H, generator=g, dtype=dtype) / 2
+    bias = torch.randn(V, generator=g, dtype=dtype) / 4
+    labels = torch.randint(0, V, (N, L), generator=g)
+    labels[0, :2] = -100
+    labels[2, -3:] = -100
+    ids = torch.randint(0, V, (N, L, k), generator=g).int()
+    lp = torch.log_softmax(torch.randn(N, L, k, generator=g, dtype=torch.float64), -1).float()
+    ids[1, 1, 3:], lp[1, 1, 3:] = -1, -math.inf  # padded entries
+    ids[1, 2, :], lp[1, 2, :] = -1, -math.inf  # a labelled position with no target at all
+    ids[0, 4, 1] = ids[0, 4, 0]  # a repeated id: its probabilities add up
+    return [t.to(device) for t in (hidden, weight, bias, labels, ids, lp)]
+
+
+def dense_head_loss(hidden, weight, bias, labels, ids, lp, scale=1.0, softcap=None, **kw):
+    z = (hidden @ weight.T + bias) * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return fusion_loss(z, labels, ids, lp, **kw)
+
+
+def _grads(loss_fn, hidden, weight, bias):
+    leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    out = loss_fn(*leaves)
+    out.loss.backward()
+    return out, [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [1, 4, 5, 13, 64])  # of 16 labelled positions: exact, ragged, one chunk
+@pytest.mark.parametrize("scale,softcap", [(1.0, None), (0.5, 3.0)])
+def test_chunked_loss_equals_the_dense_loss_values_and_gradients(device, chunk, scale, softcap):
+    from fuse.train.loss import chunked_fusion_loss
+
+    hidden, weight, bias, labels, ids, lp = head_batch(device=device)
+    assert int((labels != -100).sum()) == 16
+    kw = dict(lam=0.7, temperature=1.5, num_items=20)
+    ref, ref_g = _grads(lambda h, w, b: dense_head_loss(h, w, b, labels, ids, lp, scale, softcap, **kw),
+                        hidden, weight, bias)
+    got, got_g = _grads(lambda h, w, b: chunked_fusion_loss(h, w, labels, ids, lp, bias=b, chunk_size=chunk,
+                                                            scale=scale, softcap=softcap, **kw), hidden, weight, bias)
+    for a, b in ((got.loss, ref.loss), (got.ce_sum, ref.ce_sum), (got.kd_sum, ref.kd_sum)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-6), (a, b)
+    assert got.n_tokens.item() == ref.n_tokens.item() == 16 and got.n_targets.item() == ref.n_targets.item() == 15
+    for name, a, b in zip(("hidden", "weight", "bias"), got_g, ref_g):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (name, (a - b).abs().max())
+    assert torch.all(got_g[0][0, :2] == 0) and torch.all(got_g[0][2, -3:] == 0)  # unlabelled: no gradient
+
+
+def test_chunked_loss_in_float64_equals_the_naive_reference():
+    from fuse.train.loss import chunked_fusion_loss
+
+    hidden, weight, bias, labels, ids, lp = head_batch(seed=4, dtype=torch.float64)
+    for lam, temperature in ((0.9, 1.0), (0.0, 0.7), (1.0, 1.0)):
+        got = chunked_fusion_loss(hidden, weight, labels, ids, lp.double(), lam, temperature, bias=bias, chunk_size=3)
+        ref = dense_reference(hidden @ weight.T + bias, labels, ids, lp.double(), lam, temperature)
+        assert abs(got.loss.item() - float(ref)) < 1e-10
+
+
+def test_chunked_loss_all_unlabelled_is_a_connected_zero():
+    from fuse.train.loss import chunked_fusion_loss
+
+    hidden, weight, bias, labels, ids, lp = head_batch()
+    labels[:] = -100
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    out = chunked_fusion_loss(h, w, labels, ids, lp)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.n_tokens.item() == 0 and torch.all(h.grad == 0) and torch.all(w.grad == 0)
+
+
+def test_chunked_loss_under_bf16_autocast_is_close_to_float32():
+    from fuse.train.loss import chunked_fusion_loss
+
+    hidden, weight, bias, labels, ids, lp = head_batch(seed=2)
+    exact = chunked_fusion_loss(hidden, weight, labels, ids, lp, chunk_size=4).loss.item()
+    w = weight.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = chunked_fusion_loss(hidden, w, labels, ids, lp, chunk_size=4).loss
+    low.backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+    assert abs(low.item() - exact) < 0.05 * abs(exact)
+
+
+def test_chunked_loss_bad_arguments():
+    from fuse.train.loss import chunked_fusion_loss
+
+    hidden, weight, bias, labels, ids, lp = head_batch()
+    with pytest.raises(ValueError, match="temperature"):
+        chunked_fusion_loss(hidden, weight, labels, ids, lp, temperature=0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        chunked_fusion_loss(hidden[:, :-1], weight, labels, ids, lp)

@@ -73,13 +73,63 @@ def test_step_loss_with_logits_to_keep_equals_full_logits(pivot):
     if not accepts_logits_mask(model):
         pytest.skip("this transformers release's models take no boolean logits_to_keep mask")
     batch = FusionCollator(pad_token_id=1)(rows(4))
-    kept = fusion_step_loss(model, batch, 0.8, 1.3, logits_to_keep=True)[0].loss
-    full = fusion_step_loss(model, batch, 0.8, 1.3, logits_to_keep=False)[0].loss
+    kept = fusion_step_loss(model, batch, 0.8, 1.3, logits_to_keep=True, chunked=False)[0].loss
+    full = fusion_step_loss(model, batch, 0.8, 1.3, logits_to_keep=False, chunked=False)[0].loss
     # and both equal the loss written on the shifted full-logit tensors
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     ref = fusion_loss(logits[:, :-1], batch["labels"][:, 1:], batch["target_ids"][:, 1:],
                       batch["target_logprobs"][:, 1:], lam=0.8, temperature=1.3).loss
     assert abs(kept.item() - ref.item()) < 1e-5 and abs(full.item() - ref.item()) < 1e-5
+
+
+def _step_grads(model, batch, **kw):
+    model.zero_grad(set_to_none=True)
+    out = fusion_step_loss(model, batch, 0.8, 1.3, num_items=40, **kw)[0]
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_step_equals_the_logits_step_values_and_gradients(pivot, tied):
+    from transformers import AutoModelForCausalLM
+
+    from fuse.train.head import find_head
+
+    model = AutoModelForCausalLM.from_pretrained(pivot, tie_word_embeddings=tied)
+    assert find_head(model) is not None
+    batch = FusionCollator(pad_token_id=1)(rows(4))
+    ref, ref_g = _step_grads(model, batch, chunked=False)
+    for chunk in (1, 7, None):
+        got, got_g = _step_grads(model, batch, chunked=True, chunk_size=chunk)
+        assert model._pivotfuse_chunked_head is True  # the first-step check passed: the chunked path ran
+        assert abs(got.loss.item() - ref.loss.item()) < 1e-6 and got.n_tokens.item() == ref.n_tokens.item()
+        assert abs(got.kd_sum.item() - ref.kd_sum.item()) < 1e-4
+        assert got_g.keys() == ref_g.keys() == {n for n, _ in model.named_parameters()}
+        worst = max((got_g[n] - ref_g[n]).abs().max().item() for n in ref_g)
+        assert worst < 1e-6, worst
+
+
+def test_chunked_step_under_lora_and_a_head_it_cannot_reproduce(pivot):
+    """LoRA wraps the model (the head stays a plain Linear: the chunked path runs under PEFT); a config
+    transform the architecture does not apply fails the first-step check: that model trains on logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fuse.train.head import find_head
+
+    batch = FusionCollator(pad_token_id=1)(rows(4, seed=2))
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(pivot),
+                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    assert find_head(peft) is not None
+    ref, ref_g = _step_grads(peft, batch, chunked=False)
+    got, got_g = _step_grads(peft, batch)
+    assert abs(got.loss.item() - ref.loss.item()) < 1e-6 and got_g.keys() == ref_g.keys()
+    assert all(n.count("lora") for n in got_g) and max((got_g[n] - ref_g[n]).abs().max().item() for n in ref_g) < 1e-6
+    odd = AutoModelForCausalLM.from_pretrained(pivot)
+    odd.config.final_logit_softcapping = 2.0  # Llama does not softcap: the head check must notice
+    got = fusion_step_loss(odd, batch, 0.8, 1.3)[0].loss
+    assert odd._pivotfuse_chunked_head is False and find_head(odd) is None
+    assert abs(got.item() - fusion_step_loss(odd, batch, 0.8, 1.3, chunked=False)[0].loss.item()) < 1e-6
 
 
 def _params(path):

@@ -62,6 +62,13 @@ class Coverage:
         self.many_to_one += int(((p_cnt[other] > 0) & shared[other]).sum())
         self.one_to_many += int(((p_cnt[other] > 1) & ~shared[other]).sum())
 
+    def merge(self, other: "Coverage") -> None:
+        """Add the counts of another corpus part (of later conversations)."""
+        for k in KEYS:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        for key, c in other.pairs.items():
+            self.pairs[key] = self.pairs.get(key, 0) + c
+
     def report(self, mapping: np.ndarray | None) -> dict:
         """Counts and shares; `mapped` needs the vocabulary map (source id → pivot id)."""
         mapped = mismatch = 0

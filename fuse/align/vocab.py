@@ -163,6 +163,19 @@ class VocabMapBuilder:
         self.pairs += len(p_ids)
         self.conversations += 1
 
+    def merge(self, counts: dict[int, dict[int, int]], pairs: int, conversations: int) -> None:
+        """Add another builder's counts (of later conversations: the first-seen order of ids is kept)."""
+        mine = self.counts
+        for s, row in counts.items():
+            into = mine.get(s)
+            if into is None:
+                mine[s] = dict(row)
+                continue
+            for p, c in row.items():
+                into[p] = into.get(p, 0) + c
+        self.pairs += pairs
+        self.conversations += conversations
+
     def state(self) -> dict:
         """Counts as JSON-able data (for resuming an interrupted build)."""
         return {"counts": {str(s): {str(p): c for p, c in row.items()} for s, row in self.counts.items()},

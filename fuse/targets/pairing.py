@@ -47,30 +47,40 @@ def content_ranges(text: str, assistant_spans: np.ndarray, eos: Enders) -> np.nd
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
+def key_codes(text: str, spans: np.ndarray, assistant_spans: np.ndarray, eos: Enders) -> np.ndarray:
+    """`reply_keys` as one int64 code per token, computed over whole arrays: (reply << 32) | (offset + 1),
+    `END` as offset −1 (so code (reply << 32)), −1 for no comparable position. Two models' codes are
+    equal exactly where their keys are."""
+    spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    a_spans = np.asarray(assistant_spans, dtype=np.int64).reshape(-1, 2)
+    n, m = len(spans), len(a_spans)
+    out = np.full(n, -1, dtype=np.int64)
+    if not n or not m:
+        return out
+    content = content_ranges(text, a_spans, eos)
+    reply = token_replies(spans, a_spans)
+    inside = reply < m
+    r = np.minimum(reply, m - 1)
+    s = spans[:, 0]
+    first = np.ones(n, dtype=bool)
+    first[1:] = reply[1:] != reply[:-1]
+    clean = first.copy()
+    clean[1:] |= spans[:-1, 1] <= s[1:]
+    c0, c1 = content[r, 0], content[r, 1]
+    past = inside & (s >= c1)
+    keyed = inside & ~past & clean
+    out[keyed] = (r[keyed] << 32) | (np.maximum(s[keyed] - c0[keyed], 0) + 1)
+    enders = set(_enders(eos))
+    for t in np.flatnonzero(past).tolist():  # past the reply text: only the end-of-turn token (a few per chat)
+        if text[int(spans[t, 0]):int(spans[t, 1])] in enders:
+            out[t] = int(r[t]) << 32
+    return out
+
+
 def reply_keys(text: str, spans: np.ndarray, assistant_spans: np.ndarray, eos: Enders) -> list[tuple[int, int] | None]:
     """Per scored token: (reply, offset in the reply's content) at a clean start, (reply, END) for
     the end-of-turn token, None where the token has no comparable position."""
-    spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-    a_spans = np.asarray(assistant_spans, dtype=np.int64).reshape(-1, 2)
-    content = content_ranges(text, a_spans, eos)
-    enders = set(_enders(eos))
-    reply = token_replies(spans, a_spans) if len(a_spans) else np.zeros(len(spans), int)
-    keys: list[tuple[int, int] | None] = []
-    for t, (s, e) in enumerate(spans.tolist()):
-        r = int(reply[t])
-        if r >= len(a_spans):
-            keys.append(None)
-            continue
-        first = t == 0 or int(reply[t - 1]) != r
-        clean = first or spans[t - 1, 1] <= s
-        c0, c1 = int(content[r, 0]), int(content[r, 1])
-        if s >= c1:  # past the reply text: only the end-of-turn token is comparable
-            keys.append((r, END) if text[s:e] in enders else None)
-        elif clean:
-            keys.append((r, max(s - c0, 0)))
-        else:
-            keys.append(None)
-    return keys
+    return [None if c < 0 else (c >> 32, (c & 0xFFFFFFFF) - 1) for c in key_codes(text, spans, assistant_spans, eos).tolist()]
 
 
 def token_replies(spans: np.ndarray, assistant_spans: np.ndarray) -> np.ndarray:
@@ -96,6 +106,25 @@ def pair_positions(pivot_keys: list, source_keys: list) -> np.ndarray:
     out = np.full(len(pivot_keys), -1, dtype=np.int64)
     for key, j in last_piv.items():
         out[j] = last_src.get(key, -1)
+    return out
+
+
+def _last_of_each(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted distinct codes ≥ 0, index of each one's last occurrence)."""
+    idx = np.flatnonzero(codes >= 0)[::-1]
+    u, first_in_reversed = np.unique(codes[idx], return_index=True)
+    return u, idx[first_in_reversed]
+
+
+def pair_codes(pivot_codes: np.ndarray, source_codes: np.ndarray) -> np.ndarray:
+    """`pair_positions` on `key_codes` arrays (the same pairs, without a Python loop per token)."""
+    out = np.full(len(pivot_codes), -1, dtype=np.int64)
+    pu, pj = _last_of_each(np.asarray(pivot_codes))
+    su, si = _last_of_each(np.asarray(source_codes))
+    if len(pu) and len(su):
+        at = np.minimum(np.searchsorted(su, pu), len(su) - 1)
+        hit = su[at] == pu
+        out[pj[hit]] = si[at[hit]]
     return out
 
 

@@ -5,12 +5,19 @@ the stored text (same tokenizer call as extraction, same truncation), its scored
 the labels, and the fused top-k target of each scored token is stored *compactly*: row i of
 `target_ids`/`target_logprobs` belongs to the i-th labelled position (the collator scatters
 them back), so prompts cost nothing and log-probs stay float16.
+
+`build_rows` works a shard of conversations at a time over worker processes (`core.workers`):
+each shard is fused with whole-array operations per conversation, its texts tokenised in one call,
+and its rows assembled as one Arrow record batch (`fuse.targets.rows_arrow`); the batches are
+appended to one file in shard order, so memory stays bounded and the rows (and the statistics,
+summed conversation by conversation in corpus order) are the same for any number of processes.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +29,13 @@ from core.atomic import publish_folder
 from core.errors import PivotfuseError
 from core.files import need, read_json
 from core.loading import load_tokenizer
+from core.workers import ordered_map, resolve_workers
 from fuse.align.surface import TokenText
 from fuse.extract.store import LogitStore, TeacherRecord
 from fuse.targets.fusion import FusedTargets, TeacherView, fuse_sequence, seq_ce, translate_topk
 from fuse.targets.fusion_multi import MultiFused
-from fuse.targets.pairing import Enders, pair_positions, reply_keys, token_chars
+from fuse.targets.pairing import Enders, key_codes, pair_codes, token_chars
+from fuse.targets.rows_arrow import ROWS_FILE, RowsWriter, batch_bytes, load_rows, read_batches, rows_batch
 from fuse.targets.translate import PivotProjector, SpanTranslator
 
 ROWS_VERSION = 3  # bump when the training rows change meaning (it is in their fingerprint)
@@ -50,6 +59,28 @@ class FusionStats:
     source_ce: float = 0.0
     by_domain: dict = field(default_factory=dict)  # domain -> Counter(conversations, source_wins)
 
+    def add(self, c: "ConvStats") -> None:
+        """One conversation's counts, summed in the order the per-conversation loop always used."""
+        self.conversations += 1
+        self.positions += c.positions
+        if c.missing:
+            self.source_missing += 1
+        if c.compared:
+            self.paired += c.paired
+            self.same_text += c.same_text
+            self.compared += 1
+            self.pivot_ce += c.pivot_ce
+            self.source_ce += c.source_ce
+        self.from_source += c.from_source
+        self.fallback += c.fallback
+        self.winners[c.winner] += 1
+        self.source_weight += c.source_weight
+        dom = self.by_domain.setdefault(c.domain or "-", Counter())
+        dom["conversations"] += 1
+        dom["source_wins"] += int(c.winner == "source")
+        dom["from_source_positions"] += c.from_source
+        dom["positions"] += c.positions
+
     def as_dict(self) -> dict[str, Any]:
         n, p, c = max(self.conversations, 1), max(self.positions, 1), max(self.compared, 1)
         return {"conversations": self.conversations, "source_missing": self.source_missing, "compared": self.compared,
@@ -60,6 +91,24 @@ class FusionStats:
                 "mean_source_weight": self.source_weight / n, "mean_pivot_ce_per_char": self.pivot_ce / c,
                 "mean_source_ce_per_char": self.source_ce / c,
                 "by_domain": {d: dict(c) for d, c in sorted(self.by_domain.items())}}
+
+
+@dataclass
+class ConvStats:
+    """What one conversation adds to `FusionStats` (workers hand these back in corpus order)."""
+
+    domain: str | None
+    positions: int
+    missing: bool = False  # the source skipped it
+    compared: bool = False  # both models scored it
+    paired: int = 0
+    same_text: int = 0
+    pivot_ce: float = 0.0
+    source_ce: float = 0.0
+    from_source: int = 0
+    fallback: int = 0
+    winner: str = "pivot"
+    source_weight: float = 0.0
 
 
 def pivot_view(rec: TeacherRecord, chars: np.ndarray) -> TeacherView:
@@ -79,13 +128,28 @@ def source_view(rec: TeacherRecord, src_index: np.ndarray, chars: np.ndarray, vo
     return TeacherView(ids=ids, logprobs=lp, token_ce=ce.astype(np.float32), seq_ce=seq_ce(rec), aligned=aligned)
 
 
-def scored_positions(rec: TeacherRecord, input_ids: list[int], offsets: list[tuple[int, int]]) -> np.ndarray:
-    """(n,) positions of the record's scored tokens in the re-tokenised sequence."""
-    out = np.empty(rec.n_tokens, dtype=np.int64)
-    t, L = 1, len(input_ids)
-    for j in range(rec.n_tokens):
+def scored_positions(rec: TeacherRecord, input_ids: Any, offsets: Any) -> np.ndarray:
+    """(n,) positions of the record's scored tokens in the re-tokenised sequence: for each scored
+    token in order, the next position (from 1) with its id and character span."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    n, L = rec.n_tokens, len(ids)
+    if n and L > 1 and ids.max() < 1 << 21 and off.max(initial=0) < 1 << 21 and rec.spans.max(initial=0) < 1 << 21:
+        # The first position of each (id, span) key: when these increase along the record they are
+        # exactly the positions the scan below finds (each the first match after the previous one).
+        seq = (ids[1:] << 42) | (off[1:, 0] << 21) | off[1:, 1]
+        want = (rec.token_ids.astype(np.int64) << 42) | (rec.spans[:, 0].astype(np.int64) << 21) | rec.spans[:, 1]
+        keys, first = np.unique(seq, return_index=True)
+        at = np.minimum(np.searchsorted(keys, want), len(keys) - 1)
+        if (keys[at] == want).all():
+            pos = first[at] + 1
+            if n == 1 or (np.diff(pos) > 0).all():
+                return pos
+    out = np.empty(n, dtype=np.int64)
+    t = 1
+    for j in range(n):
         s, e = int(rec.spans[j, 0]), int(rec.spans[j, 1])
-        while t < L and (input_ids[t] != rec.token_ids[j] or tuple(offsets[t]) != (s, e)):
+        while t < L and (ids[t] != rec.token_ids[j] or off[t, 0] != s or off[t, 1] != e):
             t += 1
         if t >= L:
             raise PivotfuseError(f"conversation {rec.id}: the pivot tokenizer does not reproduce the stored tokens "
@@ -95,13 +159,31 @@ def scored_positions(rec: TeacherRecord, input_ids: list[int], offsets: list[tup
     return out
 
 
-def make_row(rec: TeacherRecord, tokenizer: Any, fused: FusedTargets | MultiFused) -> dict[str, Any]:
-    enc = tokenizer(rec.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"][: rec.seq_len])
-    pos = scored_positions(rec, ids, enc["offset_mapping"][: rec.seq_len])
+def encode(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, offsets (L, 2)) of each text, as `tokenizer(text, add_special_tokens=False)` gives them,
+    the texts tokenised in one call."""
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    encodings = getattr(enc, "encodings", None)
+    if encodings:
+        return [(np.asarray(e.ids, dtype=np.int64), np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2))
+                for e in encodings]
+    return [(np.asarray(i, dtype=np.int64), np.asarray(o, dtype=np.int64).reshape(-1, 2))
+            for i, o in zip(enc["input_ids"], enc["offset_mapping"])]
+
+
+def row_tokens(rec: TeacherRecord, ids: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(input ids, labels) of a record's row from its text's tokenisation: truncated as extraction
+    truncated, −100 but at the scored tokens."""
+    ids, offsets = ids[: rec.seq_len], offsets[: rec.seq_len]
     labels = np.full(len(ids), -100, dtype=np.int64)
-    labels[pos] = rec.token_ids
-    return {"id": rec.id, "domain": rec.domain or "", "input_ids": ids, "labels": labels.tolist(),
+    labels[scored_positions(rec, ids, offsets)] = rec.token_ids
+    return ids, labels
+
+
+def make_row(rec: TeacherRecord, tokenizer: Any, fused: FusedTargets | MultiFused) -> dict[str, Any]:
+    (ids, offsets), = encode(tokenizer, [rec.text])
+    ids, labels = row_tokens(rec, ids, offsets)
+    return {"id": rec.id, "domain": rec.domain or "", "input_ids": ids.tolist(), "labels": labels.tolist(),
             "target_ids": fused.ids.astype(np.int32), "target_logprobs": fused.logprobs.astype(np.float16)}
 
 
@@ -109,6 +191,47 @@ def store_lookup(store: LogitStore) -> Callable[[int], TeacherRecord | None]:
     """Corpus row → that conversation's record in `store` (None when the store skipped it)."""
     by_index = {int(i): r for r, i in enumerate(store.dataset().data.column("index").to_pylist())}
     return lambda index: store[by_index[index]] if index in by_index else None
+
+
+@dataclass
+class RowSettings:
+    """How the rows of one pair are made, besides the records."""
+
+    vocab_map: np.ndarray | None
+    method: str
+    k: int
+    fallback: str
+    eos: tuple[Enders, Enders]
+    span: SpanTranslator | None = None
+
+
+def fuse_conversation(p_rec: TeacherRecord, s_rec: TeacherRecord | None, with_source: bool,
+                      cfg: RowSettings) -> tuple[FusedTargets, ConvStats]:
+    """The fused targets of one conversation and its statistics (`with_source`: a source run, whose
+    record of this conversation is `s_rec`, None when the source skipped it)."""
+    eos = cfg.eos
+    c = ConvStats(domain=p_rec.domain, positions=p_rec.n_tokens)
+    p_chars = token_chars(p_rec.text, p_rec.spans, p_rec.assistant_spans, eos[0])
+    p_view = pivot_view(p_rec, p_chars)
+    s_view = None
+    if with_source and s_rec is None:
+        c.missing = True
+    elif with_source:
+        pair = pair_codes(key_codes(p_rec.text, p_rec.spans, p_rec.assistant_spans, eos[0]),
+                          key_codes(s_rec.text, s_rec.spans, s_rec.assistant_spans, eos[1]))
+        if cfg.span is not None:
+            s_view = cfg.span.view(p_rec, s_rec, pair, p_chars, cfg.vocab_map, cfg.k)
+        else:
+            s_chars = token_chars(s_rec.text, s_rec.spans, s_rec.assistant_spans, eos[1])
+            s_view = source_view(s_rec, pair, s_chars, cfg.vocab_map)
+        j = np.flatnonzero(pair >= 0)
+        p_text, s_text, ps, ss = p_rec.text, s_rec.text, p_rec.spans[j].tolist(), s_rec.spans[pair[j]].tolist()
+        c.compared, c.paired, c.pivot_ce, c.source_ce = True, int(s_view.aligned.sum()), p_view.seq_ce, s_view.seq_ce
+        c.same_text = sum(p_text[a:b] == s_text[x:y] for (a, b), (x, y) in zip(ps, ss))
+    fused = fuse_sequence(cfg.method, p_view, s_view, p_rec.token_ids, cfg.k, cfg.fallback)
+    c.from_source, c.fallback = int(fused.from_source.sum()), int(fused.fallback.sum())
+    c.winner, c.source_weight = fused.winner, fused.source_weight
+    return fused, c
 
 
 def fusion_rows(pivot: Iterable[TeacherRecord], source: Callable[[int], TeacherRecord | None] | None,
@@ -120,87 +243,126 @@ def fusion_rows(pivot: Iterable[TeacherRecord], source: Callable[[int], TeacherR
     `span`, the source's distributions are span-translated (`fuse.targets.translate`), else mapped id by id."""
     if source is not None and vocab_map is None:
         raise ValueError("a source needs a vocabulary map")
+    cfg = RowSettings(vocab_map, method, k, fallback, eos, span)
     for p_rec in pivot:
-        stats.conversations += 1
-        stats.positions += p_rec.n_tokens
-        p_chars = token_chars(p_rec.text, p_rec.spans, p_rec.assistant_spans, eos[0])
-        p_view = pivot_view(p_rec, p_chars)
-        s_view = None
-        if source is not None:
-            s_rec = source(p_rec.index)
-            if s_rec is None:
-                stats.source_missing += 1
-            else:
-                s_chars = token_chars(s_rec.text, s_rec.spans, s_rec.assistant_spans, eos[1])
-                pair = pair_positions(reply_keys(p_rec.text, p_rec.spans, p_rec.assistant_spans, eos[0]),
-                                      reply_keys(s_rec.text, s_rec.spans, s_rec.assistant_spans, eos[1]))
-                s_view = span.view(p_rec, s_rec, pair, p_chars, vocab_map, k) if span is not None \
-                    else source_view(s_rec, pair, s_chars, vocab_map)
-                stats.paired += int(s_view.aligned.sum())
-                stats.same_text += sum(
-                    p_rec.text[p_rec.spans[j, 0]:p_rec.spans[j, 1]] == s_rec.text[s_rec.spans[i, 0]:s_rec.spans[i, 1]]
-                    for j, i in enumerate(pair.tolist()) if i >= 0)
-                stats.compared += 1
-                stats.pivot_ce += p_view.seq_ce
-                stats.source_ce += s_view.seq_ce
-        fused = fuse_sequence(method, p_view, s_view, p_rec.token_ids, k, fallback)
-        stats.from_source += int(fused.from_source.sum())
-        stats.fallback += int(fused.fallback.sum())
-        stats.winners[fused.winner] += 1
-        stats.source_weight += fused.source_weight
-        dom = stats.by_domain.setdefault(p_rec.domain or "-", Counter())
-        dom["conversations"] += 1
-        dom["source_wins"] += int(fused.winner == "source")
-        dom["from_source_positions"] += int(fused.from_source.sum())
-        dom["positions"] += p_rec.n_tokens
+        fused, c = fuse_conversation(p_rec, source(p_rec.index) if source is not None else None,
+                                     source is not None, cfg)
+        stats.add(c)
         yield make_row(p_rec, tokenizer, fused)
 
 
-def cached_rows(work: Path, fingerprint: str, build: Callable[[], tuple[Any, dict]]) -> tuple[Any, dict]:
-    """The training rows, cached in `work/rows` under their fingerprint (built by the main process)."""
-    import datasets
+@dataclass
+class _RowsWork:
+    """A rows worker's state: the stores (memory-mapped), the pivot tokenizer and the settings."""
 
+    pivot: LogitStore
+    source: Callable[[int], TeacherRecord | None] | None
+    tokenizer: Any
+    cfg: RowSettings
+
+
+def _rows_setup(pivot_store: str, source_store: str | None, pivot_path: str, source_path: str | None,
+                vocab_map: np.ndarray | None, method: str, k: int, fallback: str, translate: str,
+                eos: tuple[Enders, Enders]) -> _RowsWork:
+    tok = load_tokenizer(pivot_path, model=True, fast=True)
+    source = store_lookup(LogitStore(source_store)) if source_store is not None else None
+    span = None
+    if source is not None and translate == "span":
+        span = SpanTranslator(PivotProjector(tok), TokenText(load_tokenizer(source_path, model=True, fast=True)), eos)
+    return _RowsWork(LogitStore(pivot_store), source, tok, RowSettings(vocab_map, method, k, fallback, eos, span))
+
+
+def _rows_shard(work: _RowsWork, task: tuple[int, int]) -> tuple[bytes, list[ConvStats], dict[str, float]]:
+    """The rows of pivot records lo..hi as one Arrow batch (IPC bytes), their statistics, phase seconds."""
+    lo, hi = task
+    t0 = time.perf_counter()
+    recs = [work.pivot[i] for i in range(lo, hi)]
+    sources = [work.source(r.index) for r in recs] if work.source is not None else [None] * len(recs)
+    t1 = time.perf_counter()
+    done = [fuse_conversation(p, s, work.source is not None, work.cfg) for p, s in zip(recs, sources)]
+    t2 = time.perf_counter()
+    encoded = encode(work.tokenizer, [r.text for r in recs])
+    toks = [row_tokens(r, ids, off) for r, (ids, off) in zip(recs, encoded)]
+    t3 = time.perf_counter()
+    batch = rows_batch([r.id for r in recs], [r.domain or "" for r in recs], [t[0] for t in toks],
+                       [t[1] for t in toks], [f.ids for f, _ in done], [f.logprobs for f, _ in done])
+    data = batch_bytes(batch)
+    t4 = time.perf_counter()
+    return data, [c for _, c in done], {"read": t1 - t0, "fuse": t2 - t1, "tokenise": t3 - t2, "write": t4 - t3}
+
+
+ROWS_SHARD = 64  # conversations per task: the unit of work per process (not of the result)
+
+
+def cached_rows(work: Path, fingerprint: str, build: Callable[..., tuple[Any, dict]], *,
+                writes: bool = False) -> tuple[Any, dict]:
+    """The training rows, cached in `work/rows` under their fingerprint (built by the main process).
+
+    `build()` returns (dataset, stats) and the dataset is saved; with `writes`, `build(folder)`
+    writes the rows file into `folder` itself (`build_rows(..., out=folder / ROWS_FILE)`: streamed,
+    never whole in memory). The folder is published when complete.
+    """
     folder = work / "rows"
     meta = folder / "pivotfuse_rows.json"
     saved = read_json(meta) if meta.is_file() else {}
     if saved.get("fingerprint") == fingerprint:
-        return datasets.load_from_disk(str(folder)), need(saved, "stats", lambda v: isinstance(v, dict), "a mapping",
-                                                          str(meta))
-    ds, stats = build()
+        return load_rows(folder), need(saved, "stats", lambda v: isinstance(v, dict), "a mapping", str(meta))
     tmp = work / "rows.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp))
+    if writes:
+        tmp.mkdir(parents=True)
+        _, stats = build(tmp)
+    else:
+        ds, stats = build()
+        ds.save_to_disk(str(tmp))
     (tmp / "pivotfuse_rows.json").write_text(json.dumps({"fingerprint": fingerprint, "stats": stats}, indent=1))
     publish_folder(tmp, folder)
-    return datasets.load_from_disk(str(folder)), stats
+    return load_rows(folder), stats
 
 
 def build_rows(pivot_store: LogitStore, source_store: LogitStore | None, pivot_path: str, source_path: str | None,
                vocab_map: np.ndarray | None, *, method: str, k: int, fallback: str, translate: str,
-               eos: tuple[Enders, Enders]) -> tuple[Any, dict]:
-    """The dataset of training rows (`fusion_rows` over the pivot's store, in chunks of 1024 rows)
-    and the fusion statistics. `translate`: 'span' (span translation) or 'vocab' (the map, id by id)."""
-    import datasets
+               eos: tuple[Enders, Enders], workers: int | None = 1, out: Path | None = None,
+               timings: dict[str, float] | None = None, progress: bool = True,
+               shard_size: int = 0) -> tuple[Any, dict]:
+    """The dataset of training rows over the pivot's store and the fusion statistics.
+
+    `translate`: 'span' (span translation) or 'vocab' (the map, id by id). Shards of `shard_size`
+    conversations (default `ROWS_SHARD`) run over `workers` processes (0/None: one per core); their
+    batches go to the Arrow file `out` in order (None: kept in memory): the same rows for any count.
+    `timings` (if given) gains the seconds of each phase, summed over the processes.
+    """
     from tqdm.auto import tqdm
 
-    tok = load_tokenizer(pivot_path, model=True, fast=True)
+    if source_store is not None and vocab_map is None:
+        raise ValueError("a source needs a vocabulary map")
+    n = len(pivot_store)
+    size = shard_size or ROWS_SHARD
+    tasks = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    workers = resolve_workers(workers, len(tasks))
     stats = FusionStats()
-    features = datasets.Features({
-        "id": datasets.Value("string"), "domain": datasets.Value("string"),
-        "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
-        "target_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
-        "target_logprobs": datasets.Sequence(datasets.Sequence(datasets.Value("float16")))})
-    chunks, chunk = [], []
-    lookup = store_lookup(source_store) if source_store is not None else None
-    span = None
-    if source_store is not None and translate == "span":
-        span = SpanTranslator(PivotProjector(tok), TokenText(load_tokenizer(source_path, model=True, fast=True)), eos)
-    rows = fusion_rows(pivot_store, lookup, tok, vocab_map, method, k, fallback, eos, stats, span)
-    for row in tqdm(rows, total=len(pivot_store), desc="fuse targets", unit="conv"):
-        chunk.append(row)
-        if len(chunk) == 1024:  # bounded memory: a chunk of rows at a time
-            chunks.append(datasets.Dataset.from_list(chunk, features=features))
-            chunk = []
-    if chunk or not chunks:
-        chunks.append(datasets.Dataset.from_list(chunk, features=features))
-    return datasets.concatenate_datasets(chunks), stats.as_dict()
+    times: dict[str, float] = Counter()
+    writer = RowsWriter(Path(out) if out is not None else None)
+    args = (str(pivot_store.path), str(source_store.path) if source_store is not None else None, pivot_path,
+            source_path, vocab_map, method, k, fallback, translate, eos)
+    t_start = time.perf_counter()
+    with tqdm(total=n, desc="fuse targets", unit="conv", disable=not progress) as bar:
+        for i, (data, convs, spent) in enumerate(ordered_map(_rows_shard, tasks, workers, _rows_setup, args)):
+            lo, hi = tasks[i]
+            t0 = time.perf_counter()
+            for batch in read_batches(data):
+                writer.write(batch)
+            for c in convs:
+                stats.add(c)
+            times.update(spent)
+            times["write"] += time.perf_counter() - t0
+            bar.update(hi - lo)
+        t0 = time.perf_counter()
+        ds = writer.close()
+        times["write"] += time.perf_counter() - t0
+    if timings is not None:
+        for key, value in times.items():
+            timings[key] = timings.get(key, 0.0) + value
+        timings["wall"] = timings.get("wall", 0.0) + time.perf_counter() - t_start
+        timings["workers"] = workers
+    return ds, stats.as_dict()

@@ -28,6 +28,7 @@ class FuseConfig:
     top_k: int = field(10, help="top-k entries kept per fused target (at most the stores' k)")
     fallback: str = field("gold", choices=FALLBACKS,
                           help="target where the source has no aligned distribution: the pivot's own, or one-hot gold")
+    workers: int = field(0, help="processes that build the training rows (0: one per CPU core); any count gives the same rows")
     lr: float = field(5e-6, help="peak learning rate")
     lr_scheduler: str = field("cosine", help="transformers scheduler name (cosine, linear, constant_with_warmup, ...)")
     warmup: float = field(0.03, help="warm-up: a fraction of the steps (< 1) or a number of steps (>= 1)")
@@ -67,6 +68,8 @@ class FuseConfig:
             raise ValueError(f"warmup: must be >= 0, got {self.warmup}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ValueError("epochs: must be > 0 when max_steps is not set")
+        if self.workers < 0:
+            raise ValueError(f"workers: must be >= 0 (0: one per CPU core), got {self.workers}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
 

@@ -9,9 +9,11 @@ or, compactly, target_ids/target_logprobs (n, k) for the n labelled positions in
 `fuse.targets.rows` writes: prompts cost nothing); the collator scatters them to (L, k).
 
 The data is used as is (`skip_prepare_dataset`, no packing: packing would misalign the side data)
-and no column is dropped (`remove_unused_columns=False`). `compute_loss` asks the model for the
-logits of the labelled positions only (`logits_to_keep` with a boolean mask), so the vocabulary
-projection and its fp32 copy are (N, V) for N assistant tokens, not (B, L, V).
+and no column is dropped (`remove_unused_columns=False`). `compute_loss` takes the final hidden
+states and projects the labelled positions onto the vocabulary a chunk at a time, forward and
+backward (`chunked_fusion_loss`), so no (N, V) logits tensor exists; a model that does not allow it
+(see `fuse.train.head`) is asked for the logits of the labelled positions only (`logits_to_keep`
+with a boolean mask): (N, V) for N assistant tokens, not (B, L, V).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from core.files import read_json
 from core.logits import accepts_logits_mask
 from core.loading import copy_tokenizer_files, load_causal_lm, load_tokenizer, stored_dtype
 from fuse.train.config import FuseConfig
-from fuse.train.loss import IGNORE_INDEX, fusion_loss
+from fuse.train.head import find_head, forward_hidden
+from fuse.train.loss import IGNORE_INDEX, chunked_fusion_loss, fusion_loss
 
 FUSION_COLUMNS = ("input_ids", "labels", "target_ids", "target_logprobs")
 
@@ -77,17 +80,30 @@ class FusionCollator:
 
 
 def fusion_step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], lam: float, temperature: float,
-                     num_items: torch.Tensor | int | None = None, logits_to_keep: bool | None = None):
+                     num_items: torch.Tensor | int | None = None, logits_to_keep: bool | None = None,
+                     chunked: bool | None = None, chunk_size: int | None = None):
     """Forward `batch` (a `FusionCollator` output) and return (`FusionLossOutput`, model outputs).
 
-    With `logits_to_keep` (default: when `accepts_logits_mask(model)`) only the scored positions
-    are projected onto the vocabulary: logits come back as (N, V) instead of (B, L, V).
+    By default (`chunked` None or True) the loss comes from the final hidden states and the LM head,
+    a chunk of `chunk_size` positions at a time (`chunked_fusion_loss`: no (N, V) logits), where the
+    model allows it (`fuse.train.head.find_head`). Otherwise, or with `chunked=False`, from logits:
+    with `logits_to_keep` (default: when `accepts_logits_mask(model)`) only the scored positions are
+    projected onto the vocabulary, (N, V) instead of (B, L, V).
     """
-    if logits_to_keep is None:
-        logits_to_keep = accepts_logits_mask(model)
     labels = batch["labels"][:, 1:]  # (B, L−1): logits at t predict token t+1
     keep = labels != IGNORE_INDEX  # (B, L−1)
     model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    head = find_head(model) if chunked is not False else None
+    if head is not None:
+        hidden, outputs = forward_hidden(model, head, model_inputs)
+        if hidden is not None:
+            lin = head.linear
+            out = chunked_fusion_loss(hidden[:, :-1], lin.weight, labels, batch["target_ids"][:, 1:],
+                                      batch["target_logprobs"][:, 1:], lam, temperature, num_items, bias=lin.bias,
+                                      chunk_size=chunk_size, scale=head.scale, softcap=head.softcap)
+            return out, outputs
+    if logits_to_keep is None:
+        logits_to_keep = accepts_logits_mask(model)
     if logits_to_keep:
         mask = torch.cat([keep, torch.zeros_like(keep[:, :1])], dim=1)  # (B, L)
         outputs = model(**model_inputs, logits_to_keep=mask)
@@ -103,15 +119,16 @@ def fusion_step_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], lam
 class FuseTrainer(SFTTrainer):
     """`SFTTrainer` whose loss is λ·CE(gold) + (1−λ)·CE(fused top-k target ‖ student)."""
 
-    def __init__(self, *args: Any, lam: float = 0.9, temperature: float = 1.0, **kwargs: Any) -> None:
-        self.lam, self.temperature = float(lam), float(temperature)
+    def __init__(self, *args: Any, lam: float = 0.9, temperature: float = 1.0, chunked: bool | None = None,
+                 **kwargs: Any) -> None:
+        self.lam, self.temperature, self.chunked = float(lam), float(temperature), chunked
         super().__init__(*args, **kwargs)
         self._logits_to_keep = accepts_logits_mask(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         out, outputs = fusion_step_loss(model, inputs, self.lam, self.temperature, num_items_in_batch,
-                                        self._logits_to_keep)
+                                        self._logits_to_keep, self.chunked)
         loss = out.loss
         # As in SFTTrainer: `num_items_in_batch` counts every rank's tokens while DDP averages gradients.
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
