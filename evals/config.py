@@ -55,3 +55,19 @@ class EvalConfig:
                 raise ValueError(f"{name}: must be > 0")
         if self.backoff < 0 or self.timeout <= 0:
             raise ValueError("backoff: must be >= 0 and timeout > 0")
+
+
+@dataclass
+class AccuracyConfig:
+    """Exact-answer accuracy in `run` (the recipe's `accuracy:` section): every model answers a
+    question file with key answers greedily (`evals.accuracy`); results under OUT/eval/accuracy."""
+
+    questions: str = field(help="questions with one key answer per turn (JSONL with turns and answers), or "
+                                "world:heldout_questions (world:valid_questions to choose settings)")
+    batch_size: int = field(64, help="questions answered per generate call")
+    max_new_tokens: int = field(96, help="reply length limit per turn (the demo world's answers: 96)")
+
+    def validate(self) -> None:
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0")

@@ -3,6 +3,7 @@
 * `fusellm_claims`: the FuseLLM paper's comparison in miniature, checked on held-out loss: the
   FuseLLM-mode target against pivot-CLM, the pivot and the sources on the mean over domains, and
   against pivot-CLM and the best single source on every domain;
+* `fusellm_accuracy_claims`: the same comparison on exact-answer accuracy (higher is better);
 * `comparison_table`: those models per domain beside FuseChat's pairwise-then-merge results;
 * `contribution_table`: how much each teacher's distribution made the targets, per domain (the
   `contributions` of the target's fusion_report.json).
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from core.errors import PivotfuseError
 from core.files import need, read_json
+from evals.report import mean_of
 from pipeline.recipe import CLM_NAME, Recipe
 
 Loss = dict[str, dict[str, dict]]  # model → domain → {bits_per_byte, ...}
@@ -60,23 +62,60 @@ def fusellm_claims(recipe: Recipe, loss: Loss, means: dict[str, float]) -> list[
     return rows
 
 
-def comparison_table(recipe: Recipe, loss: Loss, means: dict[str, float], merged: list[str]) -> list[str]:
+def fusellm_accuracy_claims(recipe: Recipe, acc: dict[str, dict[str, float]]) -> list[tuple[str, bool, str]]:
+    """(claim, holds, numbers) on accuracy (higher is better; a tie fails) for the FuseLLM-mode target:
+    above pivot-CLM above the pivot on the mean over its sources' domains, and on each of those
+    domains above pivot-CLM and against the best single source there."""
+    name = recipe.fusellm.name if recipe.fusellm is not None and recipe.fusellm.name in acc else None
+    pivot = recipe.models.pivot.name
+    if name is None or CLM_NAME not in acc or pivot not in acc:
+        return []
+    doms = list(dict.fromkeys(d for s in recipe.fusellm_sources() if (d := s.domain or s.name) in acc[name]))
+    if not doms:
+        return []
+
+    def mean(model: str) -> float:
+        return mean_of(acc[model], doms)  # NaN when a domain is missing: every comparison then fails
+
+    m, c, p = mean(name), mean(CLM_NAME), mean(pivot)
+    rows = [(f"{name} > {CLM_NAME} > {pivot} (accuracy, mean over expert domains)", m > c > p,
+             f"{m:.1%} > {c:.1%} > {p:.1%}")]
+    for d in doms:
+        a = acc[name][d]
+        if d in acc[CLM_NAME]:
+            rows.append((f"{name} > {CLM_NAME} on {d} (accuracy)", a > acc[CLM_NAME][d], f"{a:.1%} > {acc[CLM_NAME][d]:.1%}"))
+        have = [s.name for s in recipe.fusellm_sources() if d in acc.get(s.name, {})]
+        if have:
+            best = max(have, key=lambda s: acc[s][d])  # first one on a tie
+            rows.append((f"{name} ≥ best single source on {d} ({best}) (accuracy)", a >= acc[best][d],
+                         f"{a:.1%} ≥ {acc[best][d]:.1%}"))
+    return rows
+
+
+def comparison_table(recipe: Recipe, loss: Loss, means: dict[str, float], merged: list[str],
+                     acc_means: dict[str, float] | None = None) -> list[str]:
     """Markdown: pivot, pivot-CLM, the best single source per domain, the FuseLLM-mode target and each
-    merge of the pairwise targets, bits per byte per domain and the mean over domains."""
+    merge of the pairwise targets, bits per byte per domain and the mean over domains (and, given
+    `acc_means`, each one's accuracy over the expert domains)."""
     name = _name(recipe, loss)
     if name is None:
         return []
     domains = _domains(loss, name)
+    acc_means = acc_means or {}
+    acc_col = " | accuracy, mean over expert domains" if acc_means else ""
     lines = ["## FuseLLM mode beside FuseChat", "",
              f"One target from the pivot and {', '.join(s.name for s in recipe.fusellm_sources())} in one run "
              f"(`{name}`, method `{recipe.fuse.method}`) against the pivot, pivot-CLM, the best single source on "
              "each domain, and the merges of the pairwise targets; the same fusion data, `fuse:` settings and "
-             "steps. Held-out bits per byte (lower is better).", "",
-             "| model | " + " | ".join(domains) + " | mean over domains |", "|---|" + "---:|" * (len(domains) + 1)]
+             "steps. Held-out bits per byte (lower is better)" + (" and exact-answer accuracy (higher is better)"
+                                                                  if acc_means else "") + ".", "",
+             "| model | " + " | ".join(domains) + f" | mean over domains{acc_col} |",
+             "|---|" + "---:|" * (len(domains) + 1 + bool(acc_means))]
 
     def row(label: str, model: str) -> str:
         cells = [f"{loss[model][d]['bits_per_byte']:.3f}" if d in loss[model] else "–" for d in domains]
-        return f"| {label} | " + " | ".join(cells) + f" | {means[model]:.4f} |"
+        extra = (f" | {acc_means[model]:.1%}" if model in acc_means else " | –") if acc_means else ""
+        return f"| {label} | " + " | ".join(cells) + f" | {means[model]:.4f}{extra} |"
 
     for label, model in ((recipe.models.pivot.name, recipe.models.pivot.name), (CLM_NAME, CLM_NAME)):
         if model in loss:
@@ -86,7 +125,7 @@ def comparison_table(recipe: Recipe, loss: Loss, means: dict[str, float], merged
         vals = [loss[best[d]][d]["bits_per_byte"] for d in domains]
         lines.append("| best single source per domain | " + " | ".join(f"{v:.3f} ({best[d]})" for v, d in
                                                                       zip(vals, domains))
-                     + f" | {sum(vals) / len(vals):.4f} |")
+                     + f" | {sum(vals) / len(vals):.4f}" + (" | –" if acc_means else "") + " |")
     lines.append(row(f"**{name}** (FuseLLM mode)", name))
     lines += [row(f"{m} (pairwise, then merged)", m) for m in merged if m in loss]
     return lines

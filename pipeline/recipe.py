@@ -18,7 +18,7 @@ from merge.config import MergeSpec
 from fuse.extract.config import ExtractConfig
 from fuse.train.config import FuseConfig, FuseLLMConfig
 from fuse.align.config import AlignConfig
-from evals.config import EvalConfig
+from evals.config import AccuracyConfig, EvalConfig
 
 
 CLM_NAME = "pivot-clm"  # the pivot-CLM baseline's name in outputs and tables
@@ -73,6 +73,8 @@ class Recipe:
     merge: list[MergeSpec] = field(default_factory=list, help="parameter-space merges of the targets: each a name + method options")
     extract: ExtractConfig = field(default_factory=ExtractConfig, help="teacher extraction: top-k, batch size, max length, shards")
     eval: EvalConfig = field(default_factory=EvalConfig, help="evaluation: MT-Bench-style judging, held-out loss, report")
+    accuracy: AccuracyConfig | None = field(None, help="exact-answer accuracy per domain of every model on a question "
+                                                       "file with key answers (greedy)")
     fuse: FuseConfig = field(default_factory=FuseConfig, help="pairwise fusion: targets, loss, training of each T_k")
     align: AlignConfig = field(default_factory=AlignConfig, help="token/vocabulary alignment of each source onto the pivot")
     world_spec: WorldSpecRef | None = field(
@@ -170,6 +172,12 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_path
             recipe.world_path(ref)
         elif not Path(ref).exists():
             raise PivotfuseError(f"{path}: 'data.{key}': {ref!r} not found")
+    if recipe.accuracy is not None:
+        ref = recipe.accuracy.questions
+        if ref.startswith("world:"):
+            recipe.world_path(ref)
+        elif not Path(ref).is_file():
+            raise PivotfuseError(f"{path}: 'accuracy.questions': {ref!r} not found")
     return recipe
 
 

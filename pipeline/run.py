@@ -3,7 +3,8 @@
 setup (world) → phase 1 per source (extract → align → fuse → train T_k), the pivot-CLM
 baseline and, with a `fusellm:` section, the FuseLLM-mode target (all sources in one run, on the
 same stores and maps) → phase 2 merges of the pairwise targets → evaluation (held-out loss per
-domain, question set with a judge) → one report (markdown + PNG) in the run folder. Each step is
+domain, exact-answer accuracy per domain on questions with key answers, question set with a judge)
+→ one report (markdown, PNG, JSON) in the run folder. Each step is
 skipped when its output exists with the same fingerprint, so a stopped run continues where it
 stopped.
 """
@@ -18,7 +19,7 @@ import yaml
 
 from core.atomic import write_text
 from core.measure import phase
-from core.fingerprint import folder_stamp, json_sha
+from core.fingerprint import file_stamp, folder_stamp, json_sha
 from pipeline.claims import write_run_report
 from pipeline.phases import append_phase_table, start_phases
 from pipeline.recipe import CLM_NAME, TARGET_PREFIX, Recipe
@@ -118,6 +119,57 @@ def _evaluate(recipe: Recipe, models: dict[str, str], steps: Steps) -> Path:
     return out
 
 
+def _world_answers(recipe: Recipe, questions: Path, max_new_tokens: int) -> dict[str, Path]:
+    """The demo world's own greedy answers to its held-out questions, per run model name, for the
+    world models of the recipe: the world wrote them with the same questions and reply limit."""
+    if recipe.world is None or questions != Path(recipe.world_path("world:heldout_questions")):
+        return {}
+    from world.build import ANSWER_TOKENS
+
+    if max_new_tokens != ANSWER_TOKENS:
+        return {}
+    found = {}
+    for spec in [recipe.models.pivot, *recipe.models.sources]:
+        if spec.path.startswith("world:"):
+            f = Path(recipe.world.out) / "answers" / "model_answer" / f"{spec.path.split(':', 1)[1]}.jsonl"
+            if f.is_file():
+                found[spec.name] = f
+    return found
+
+
+def _accuracy(recipe: Recipe, models: dict[str, str], steps: Steps) -> Path | None:
+    """Greedy exact-answer accuracy per domain of every model (OUT/eval/accuracy/accuracy.json).
+
+    The ledger holds, per model, the fingerprint its answer file was made with (model weights,
+    questions, reply limit), written before answering: a changed model's answers are dropped, an
+    answer file without an entry (the world's own, or one put there by hand) is reused."""
+    from evals.accuracy import answer_accuracy
+
+    acc = recipe.accuracy
+    if acc is None:
+        return None
+    questions = Path(recipe.world_path(acc.questions))
+    out = Path(recipe.out) / "eval" / "accuracy"
+    cfg = replace(recipe.eval, out=str(out), batch_size=acc.batch_size, max_new_tokens=acc.max_new_tokens)
+    templates = {s.name: s.chat_template for s in [recipe.models.pivot, *recipe.models.sources] if s.chat_template}
+    world = _world_answers(recipe, questions, acc.max_new_tokens)
+    for name, path in models.items():
+        answers = out / "model_answer" / f"{name}.jsonl"
+        fp = json_sha({"model": folder_stamp(Path(path)), "questions": file_stamp(questions, questions.name),
+                       "max_new_tokens": acc.max_new_tokens, "template": templates.get(name),
+                       "system_prompt": recipe.eval.system_prompt})
+        made = steps.done.get(f"accuracy:{name}")
+        if made is not None and made != fp and answers.is_file():
+            answers.unlink()
+        if not answers.is_file() and name in world:
+            answers.parent.mkdir(parents=True, exist_ok=True)
+            write_text(answers, world[name].read_text(encoding="utf-8"))
+        steps.mark(f"accuracy:{name}", fp)
+    _log(f"eval: exact-answer accuracy of {len(models)} models on {questions.name}")
+    answer_accuracy(models, questions, cfg, chat_templates=templates)
+    return out / "accuracy.json"
+
+
 def run_recipe(recipe: Recipe) -> Path:
     """Run every step of `recipe`; returns the report path."""
     import torch
@@ -150,7 +202,8 @@ def run_recipe(recipe: Recipe) -> Path:
         merged = _phase2(recipe, targets, steps)  # FuseChat merges the pairwise targets only
         models = _models_to_eval(recipe, targets, clm, merged, fusellm)
         eval_dir = _evaluate(recipe, models, steps)
-        report = write_run_report(recipe, eval_dir, models, list(merged))
+        accuracy = _accuracy(recipe, models, steps)
+        report = write_run_report(recipe, eval_dir, models, list(merged), accuracy)
         append_phase_table(report, phases)  # time and peak RSS of each phase per model
         _log(f"done in {time.time() - t0:.0f} s: {report}")
     state.wait_for_everyone()
