@@ -200,7 +200,7 @@ def test_damaged_alignment_checkpoint_is_refused(tokenizer_dirs, tmp_path, monke
     out = tmp_path / "m.json"
     argv = ["align", "--pivot", llama2, "--source", llama2, "--pivot-chat-template", str(tmp_path / "chatml.jinja"),
             "--source-chat-template", str(tmp_path / "inst.jinja"), "--data", str(write_chats(tmp_path / "c.jsonl", 6)),
-            "--checkpoint-every", "2", "--out", str(out)]
+            "--checkpoint-every", "2", "--workers", "1", "--out", str(out)]  # the interruption is injected here, in one process
     real, calls = chat_align.align_chat, {"n": 0}
 
     def flaky(*a, **k):
