@@ -13,10 +13,7 @@ fusion report with each source's contribution per domain, and a model card.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import yaml
 
 from core.config import to_dict
 from core.errors import PivotfuseError
@@ -24,7 +21,8 @@ from core.files import read_json
 from core.fingerprint import json_sha
 from fuse.train.config import FuseLLMConfig
 from pipeline.fusellm_report import contribution_table
-from pipeline.pairwise import CADENCE, TARGET_SETTINGS, reset_work, source_vocab_map, teacher_store, turn_enders
+from pipeline.pairwise import (CADENCE, TARGET_SETTINGS, reset_work, source_vocab_map, teacher_store, turn_enders,
+                               write_target_files)
 from pipeline.recipe import Recipe
 
 
@@ -93,12 +91,7 @@ def fuse_sources(recipe: Recipe, *, report_samples: int = 256) -> Path:
                                  for s, (_, info) in zip(sources, maps)},
                   "loss_before": result["loss_before"], "loss_after": result["loss_after"],
                   "steps": result["steps"], "report_samples": len(sample)}
-        (folder / "fusion_report.json").write_text(json.dumps(report, indent=1) + "\n")
-        with (folder / "train_log.jsonl").open("w") as fh:
-            for entry in result["log_history"]:
-                fh.write(json.dumps(entry) + "\n")
-        (folder / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-        (folder / "README.md").write_text(model_card(report))
+        write_target_files(folder, report, result, recipe, model_card(report))
 
     train_target(cfg, pivot_path, train, str(target), str(work), eval_dataset=sample, write_extra=write_extra)
     return target

@@ -80,6 +80,17 @@ def turn_enders(path: str) -> list[str]:
     return end_of_turn_tokens(load_tokenizer(path, model=True, fast=True))
 
 
+def write_target_files(folder: Path, report: dict, result: dict, recipe: Any, card: str) -> None:
+    """A trained target's own files beside its weights (pairwise and FuseLLM mode alike): the fusion
+    report, the training log, the recipe it came from and its model card."""
+    (folder / "fusion_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    with (folder / "train_log.jsonl").open("w") as fh:
+        for entry in result["log_history"]:
+            fh.write(json.dumps(entry) + "\n")
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    (folder / "README.md").write_text(card)
+
+
 def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int = 256) -> Path:
     """Train and save target T_k for `source_name` (None: the pivot-CLM baseline with λ = 1).
 
@@ -144,12 +155,7 @@ def fuse_source(recipe: Recipe, source_name: str | None, *, report_samples: int 
                   "fusion": fuse_stats, "vocab_map": {k: v for k, v in vmap_info.items() if k != "fingerprint"},
                   "loss_before": result["loss_before"], "loss_after": result["loss_after"],
                   "steps": result["steps"], "report_samples": len(sample)}
-        (folder / "fusion_report.json").write_text(json.dumps(report, indent=1) + "\n")
-        with (folder / "train_log.jsonl").open("w") as fh:
-            for entry in result["log_history"]:
-                fh.write(json.dumps(entry) + "\n")
-        (folder / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-        (folder / "README.md").write_text(model_card(report))
+        write_target_files(folder, report, result, recipe, model_card(report))
 
     with phase("train target", name, vocab=vocab_size(pivot_path), rows=len(train)):
         train_target(cfg, pivot_path, train, str(target), str(work), eval_dataset=sample, write_extra=write_extra)
