@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
+
 from core.atomic import write_with
 from core.errors import PivotfuseError
 from core.files import read_jsonl
@@ -218,6 +220,30 @@ def token_in_spans(start: int, end: int, text: str, spans: list[tuple[int, int]]
     return False
 
 
+def assistant_mask(text: str, spans: list[tuple[int, int]], offsets: list[tuple[int, int]]) -> np.ndarray:
+    """`token_in_spans` for every token at once, (T,) bool: the same rule, in array operations per
+    span rather than Python per token (it was a third of tokenising a long corpus)."""
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # (T, 2)
+    mask = np.zeros(len(bounds), dtype=bool)
+    if not len(bounds) or not spans:
+        return mask
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)  # (C,)
+    uniq, inverse = np.unique(codes, return_inverse=True)
+    space = np.asarray([chr(c).isspace() for c in uniq.tolist()], dtype=bool)[inverse]  # (C,) as str.strip sees it
+    start, end = bounds[:, 0], bounds[:, 1]
+    for s, e in spans:
+        if e <= s:  # an empty span overlaps nothing
+            continue
+        solid = np.zeros(len(codes) + 1, dtype=np.int64)  # solid[i]: non-space characters of [s, e) before i
+        solid[s + 1:e + 1] = np.cumsum(~space[s:e])
+        solid[e + 1:] = solid[e]
+        lo, hi = np.maximum(start, s), np.minimum(end, e)
+        overlap = lo < hi
+        lo_c, hi_c = np.clip(lo, 0, len(codes)), np.clip(hi, 0, len(codes))
+        mask |= overlap & ((solid[hi_c] - solid[lo_c] > 0) | ((start >= s) & (end <= e)))
+    return mask
+
+
 def tokenize_chat(tokenizer: Any, rendered: RenderedChat, max_length: int | None = None) -> TokenizedChat:
     """Tokenise rendered text with offsets (fast tokenizers) and mark assistant tokens.
 
@@ -226,7 +252,7 @@ def tokenize_chat(tokenizer: Any, rendered: RenderedChat, max_length: int | None
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    mask = [token_in_spans(s, e, rendered.text, rendered.assistant_spans) for s, e in offsets]
+    mask = assistant_mask(rendered.text, rendered.assistant_spans, offsets).tolist()
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, offsets, mask = ids[:max_length], offsets[:max_length], mask[:max_length]
