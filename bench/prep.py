@@ -82,7 +82,7 @@ def prepare(work: Path, size: str, data: Path, pivot: Path, source: Path, worker
     vmap = build_map(str(pivot), str(source), str(data), out / "vocab_map.json", AlignConfig(workers=workers),
                      progress=False, timings=timings)
     t1 = time.perf_counter()
-    eos = tuple(end_of_turn_tokens(load_tokenizer(str(f), model=True, fast=True)) for f in (pivot, source))
+    eos = tuple(end_of_turn_tokens(load_tokenizer(str(f), model=True, fast=True, shared=True)) for f in (pivot, source))
     rows_t: dict = {}
     ds, stats = build_rows(p_store, s_store, str(pivot), str(source), vmap.mapping, method="mince", k=K,
                            fallback="gold", translate="span", eos=eos, workers=workers, out=out / "rows.arrow",

@@ -55,19 +55,36 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e)[:200]}"
 
 
+# Tokenizers loaded with `shared=True`, by folder, load options and the folder's files (name, size,
+# mtime): one pair's map, rows and end-of-turn tokens load a 152k-vocabulary tokenizer once (about a
+# second each time), and forked workers inherit them.
+_SHARED: dict[tuple, Any] = {}
+
+
+def _files_signature(folder: Path) -> tuple:
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
+
+
 def load_tokenizer(path: str | Path, *, model: bool = False, fast: bool = False, name: str | None = None,
-                   **kwargs: Any) -> Any:
+                   shared: bool = False, **kwargs: Any) -> Any:
     """`AutoTokenizer` of folder `path`. `model`: the folder must hold a model too (config.json),
     else tokenizer files suffice; `fast`: refuse a slow tokenizer (character offsets need a fast
-    one); `name` prefixes the errors (a model's name in a run)."""
+    one); `name` prefixes the errors (a model's name in a run). `shared`: the one object of this
+    process for this folder and options (loaded again when a file changes) — for callers that only
+    read it; a caller that sets a pad token or a template must load its own."""
     from transformers import AutoTokenizer
 
     (check_model_folder if model else check_tokenizer_folder)(path)
     who = f"{name}: " if name else ""
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
-    except Exception as e:  # noqa: BLE001 - any load failure is a bad folder
-        raise PivotfuseError(f"{who}{path}: cannot load the tokenizer ({_why(e)})") from None
+    key = (str(Path(path).resolve()), tuple(sorted(kwargs.items())), _files_signature(Path(path))) if shared else None
+    tok = _SHARED.get(key) if key is not None else None
+    if tok is None:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path), **kwargs)
+        except Exception as e:  # noqa: BLE001 - any load failure is a bad folder
+            raise PivotfuseError(f"{who}{path}: cannot load the tokenizer ({_why(e)})") from None
+        if key is not None:
+            _SHARED[key] = tok
     if fast and not getattr(tok, "is_fast", False):
         raise PivotfuseError(f"{who}{path}: needs a fast tokenizer (tokenizer.json) for character offsets")
     return tok

@@ -77,7 +77,7 @@ def turn_enders(path: str) -> list[str]:
     """The tokens that end an assistant turn under this model's template (as core.chat finds them)."""
     from core.chat import end_of_turn_tokens
 
-    return end_of_turn_tokens(load_tokenizer(path, model=True, fast=True))
+    return end_of_turn_tokens(load_tokenizer(path, model=True, fast=True, shared=True))
 
 
 def write_target_files(folder: Path, report: dict, result: dict, recipe: Any, card: str) -> None:

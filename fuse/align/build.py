@@ -74,7 +74,7 @@ def _align_setup(pivot: str, source: str, p_tpl: str | None, s_tpl: str | None, 
     from fuse.align.surface import TokenText
     from fuse.align.vocab import template_markers
 
-    p_tok, s_tok = load_tokenizer(pivot), load_tokenizer(source)
+    p_tok, s_tok = load_tokenizer(pivot, shared=True), load_tokenizer(source, shared=True)  # read only
     return _AlignWork(p_tok, s_tok, TokenText(p_tok), TokenText(s_tok), p_tpl, s_tpl,
                       (template_markers(p_tok, p_tpl), template_markers(s_tok, s_tpl)), max_length, halo, theta)
 

@@ -264,11 +264,12 @@ class _RowsWork:
 def _rows_setup(pivot_store: str, source_store: str | None, pivot_path: str, source_path: str | None,
                 vocab_map: np.ndarray | None, method: str, k: int, fallback: str, translate: str,
                 eos: tuple[Enders, Enders]) -> _RowsWork:
-    tok = load_tokenizer(pivot_path, model=True, fast=True)
+    tok = load_tokenizer(pivot_path, model=True, fast=True, shared=True)
     source = store_lookup(LogitStore(source_store)) if source_store is not None else None
     span = None
     if source is not None and translate == "span":
-        span = SpanTranslator(PivotProjector(tok), TokenText(load_tokenizer(source_path, model=True, fast=True)), eos)
+        source_tok = load_tokenizer(source_path, model=True, fast=True, shared=True)
+        span = SpanTranslator(PivotProjector(tok), TokenText(source_tok), eos)
     return _RowsWork(LogitStore(pivot_store), source, tok, RowSettings(vocab_map, method, k, fallback, eos, span))
 
 
