@@ -66,8 +66,8 @@ def ahead(fn: Callable[[T], R], items: Iterable[T], depth: int, what: Callable[[
 class Behind:
     """Finish tasks in a background thread, one at a time and at most one unfinished: `submit`
     waits for the previous task first. `on_done(key)` runs in the caller's thread for each task
-    that finished, in submission order, as soon as it is known to be done and at the latest before
-    the next task starts or at the end of the `with` block.
+    that finished, in submission order: when the next task is submitted, or at the end of the `with`
+    block for the last one (always then, so that when it runs is the same on every run).
 
     An error of a task is raised in the caller (at the next `submit` or at the end of the block),
     noted with `what(key)`. When the block ends on an error of the caller's own, the unfinished task
@@ -90,8 +90,6 @@ class Behind:
             self.on_done(key)
             return
         self._pending = (key, self._pool.submit(fn, *args))
-        if self._pending[1].done():  # already finished (a quick task): tell the caller now
-            self.settle()
 
     def settle(self) -> None:
         """Wait for the unfinished task, if any: raise its error, else call `on_done`."""
