@@ -9,6 +9,8 @@ process) any process count gives the same store bit for bit. Other threads per p
 launchers default to one per process on CPU) or another machine sum floats in another order:
 token ids, spans and counts stay the same, log-probs and CE agree up to float rounding, and top-k
 ids differ only where two candidates tie within it (tests/test_extract.py bounds each).
+Within a process the host work overlaps the forward pass (`ExtractJob.overlap`, `extract_shards`):
+threads tokenise the next shard and write the last one; the store is the same byte for byte.
 """
 
 from __future__ import annotations
