@@ -39,8 +39,9 @@ if TYPE_CHECKING:  # score imports torch: loaded when scoring starts, not with t
 
 log = logging.getLogger(__name__)
 
-# Shards rendered and tokenised ahead of the one being scored (with overlap): one is enough to hide
-# tokenisation behind a forward pass, and memory stays at a few shards whatever the corpus size.
+# Shards rendered and tokenised ahead of the one being scored (with overlap): one hides the
+# tokenisation wherever preparing a shard takes less time than scoring one, and memory stays at a
+# few shards whatever the corpus size.
 PREPARE_AHEAD = 1
 
 
