@@ -8,15 +8,19 @@ without --data a synthetic multi-turn chat corpus. Both variants see the same to
 batches and the same device/dtype:
 
   forward   `model(input_ids, attention_mask).logits` per batch (what any scoring script starts from)
-  extract   the whole `pivotfuse extract` shard loop: render + tokenise, forward with the logits of
-            scored positions only, float32 log-softmax / top-k / gold, fp16 records, Arrow write + fsync
+  extract   the whole `pivotfuse extract` shard loop (`extract_shards`): render + tokenise, forward with
+            the logits of scored positions only, float32 log-softmax / top-k / gold, fp16 records,
+            Arrow write + fsync; with overlap (the default: the next shard tokenised ahead and the last
+            one written in background threads, batch b's results taken after batch b + 1 is queued)
+            and serial (`--no-overlap`)
 
-They alternate shard by shard, `--repeats` rounds; per shard the best time of each counts (paired,
-adjacent timings keep a busy machine's noise out of the ratio). The self-check of the first batch
-and model loading are outside the timed loop.
+Each round times the three over every shard (shards of two batches, rewritten in place), in turn,
+`--repeats` rounds; the best time of each counts. The self-check of the first batch and model
+loading are outside the timed loop.
 Tokens/s counts the real (unpadded) tokens fed to the model. Bytes per scored token: the store's
 shard files over the scored tokens, against FuseChat's layout (fp16 logits + int64 ids for every
-position padded to the max length). Last line: `RESULT extract vs_forward=<ratio> bytes_per_token=<n>`.
+position padded to the max length). Last line:
+`RESULT extract vs_forward=<overlap ratio> vs_forward_serial=<serial ratio> bytes_per_token=<n>`.
 """
 
 from __future__ import annotations
@@ -139,35 +143,41 @@ def main() -> None:
         padded = sum(len(b) * max(len(p.ids) for p in b) for b in batches)
         model = fx.load_model(cfg.model, fx.resolve_dtype(cfg.dtype), PartialState())
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        # Shard by shard, forward then extraction (rewriting the same shard), `repeats` rounds; per shard
-        # the best time of each: adjacent, paired timings keep a busy machine's noise out of the ratio.
-        t_fwd = np.full((args.repeats, len(shards)), np.inf)
-        t_ext = np.full((args.repeats, len(shards)), np.inf)
+        # Round by round: the bare forward, the serial loop and the overlapped loop over every shard,
+        # in turn (adjacent timings share the machine's load); the best of each over the rounds.
+        jobs = {overlap: ExtractJob(**{**cfg.__dict__, "overlap": overlap}) for overlap in (False, True)}
+        times = {name: np.full(args.repeats, np.inf) for name in ("forward", "serial", "overlap")}
         quiet = tqdm(disable=True)
         forward_pass(model, shards[0][:1], pad_id)  # warm-up; and the scoring path's one-off self-check
-        fx.extract_shard(writer, 0, convs, model, tok, template, cfg, quiet)
+        fx.extract_shards(writer, [0], convs, model, tok, template, jobs[False], quiet)
+        every, written = list(range(len(shards))), {}
         for r in range(args.repeats):
-            for s, sh in enumerate(shards):
-                t_fwd[r, s] = forward_pass(model, sh, pad_id)
+            times["forward"][r] = forward_pass(model, batches, pad_id)
+            for overlap, job in jobs.items():
                 start = time.perf_counter()
-                fx.extract_shard(writer, s, convs, model, tok, template, cfg, quiet)
+                fx.extract_shards(writer, every, convs, model, tok, template, job, quiet)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                t_ext[r, s] = time.perf_counter() - start
+                times["overlap" if overlap else "serial"][r] = time.perf_counter() - start
+                written[overlap] = {f.name: f.read_bytes() for f in sorted((Path(cfg.out) / "shards").iterdir())}
+        if written[True] != written[False]:  # the two loops must write the same store, or the timing compares nothing
+            raise SystemExit("extract bench: the overlapped loop wrote another store than the serial one")
         writer.finalize()
         store = LogitStore(sized.out)
         scored = store.stats["scored_tokens"]
         size = store.nbytes()
         table = store.dataset().data.table
         fusechat = len(store) * args.max_length * (2 + 8) * args.top_k
-        fwd, ext = tokens / t_fwd.min(0).sum(), tokens / t_ext.min(0).sum()
+        fwd, ext, ser = (tokens / times[name].min() for name in ("forward", "overlap", "serial"))
         device = model.get_input_embeddings().weight.device
         print(f"model {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
               f"vocab {len(tok)}, {next(model.parameters()).dtype}, {device}); {len(store)} conversations, "
               f"{tokens} tokens ({tokens / padded:.0%} of padded), {scored} scored; k={args.top_k}, "
-              f"batch {args.batch_size}, threads {torch.get_num_threads()}")
+              f"batch {args.batch_size}, {len(shards)} shards, threads {torch.get_num_threads()}, "
+              f"best of {args.repeats}")
         print(f"\n| variant | tokens/s | vs forward |\n|---|---:|---:|\n| forward (full logits) | {fwd:,.0f} | 1.00 |\n"
-              f"| extract (whole shard loop) | {ext:,.0f} | {ext / fwd:.2f} |")
+              f"| extract, overlap (whole shard loop) | {ext:,.0f} | {ext / fwd:.2f} |\n"
+              f"| extract, serial (`--no-overlap`) | {ser:,.0f} | {ser / fwd:.2f} |")
         print("\n| store part | bytes per scored token |\n|---|---:|")
         for name in table.column_names:
             print(f"| {name} | {table.column(name).nbytes / scored:.1f} |")
@@ -176,7 +186,8 @@ def main() -> None:
               f"{fusechat / scored:.1f} |")
         print(f"\nstore: {size / 1e6:.2f} MB for {len(store)} conversations "
               f"(FuseChat layout {fusechat / 1e6:.1f} MB, {fusechat / size:.0f}x)")
-        print(f"RESULT extract vs_forward={ext / fwd:.2f} bytes_per_token={size / scored:.1f}")
+        print(f"RESULT extract vs_forward={ext / fwd:.2f} vs_forward_serial={ser / fwd:.2f} "
+              f"bytes_per_token={size / scored:.1f}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -40,6 +40,16 @@ class ExtractJob(ExtractConfig):
     model: str | None = field(None, help="HF model folder (weights, tokenizer, chat template)")
     data: str | None = field(None, help="chat corpus: JSONL or a saved datasets folder")
     out: str | None = field(None, help="store folder to write (rerun the same command to resume)")
+    # How the work is scheduled, not what is stored: outside the store's fingerprint and the recipe.
+    overlap: bool = field(True, help="run host work beside the forward pass: tokenise the next shard and write "
+                                     "the last one in background threads, queue the next batch before waiting "
+                                     "for this one (--no-overlap: one step after another; the same store "
+                                     "byte for byte)")
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.overlap, bool):  # Python callers: the CLI and recipes check the type already
+            raise ValueError(f"overlap: must be true or false, got {self.overlap!r}")
 
     @classmethod
     def of(cls, settings: ExtractConfig, **job: str | None) -> "ExtractJob":

@@ -9,6 +9,8 @@ process) any process count gives the same store bit for bit. Other threads per p
 launchers default to one per process on CPU) or another machine sum floats in another order:
 token ids, spans and counts stay the same, log-probs and CE agree up to float rounding, and top-k
 ids differ only where two candidates tie within it (tests/test_extract.py bounds each).
+Within a process the host work overlaps the forward pass (`ExtractJob.overlap`, `extract_shards`):
+threads tokenise the next shard and write the last one; the store is the same byte for byte.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import logging
 import sys
 import time
 from collections import Counter
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -28,9 +31,18 @@ from core.errors import PivotfuseError
 from core.fingerprint import conversations_sha, model_fingerprint, sha256_hex
 from core.loading import chat_template, load_causal_lm, load_tokenizer, refuse_inside, vocab_size
 from fuse.extract.config import ExtractJob
+from fuse.extract.overlap import Behind, ahead
 from fuse.extract.store import StoreWriter, TeacherRecord, int_type
 
+if TYPE_CHECKING:  # score imports torch: loaded when scoring starts, not with this module
+    from fuse.extract.score import LaunchedBatch, SequenceScores
+
 log = logging.getLogger(__name__)
+
+# Shards rendered and tokenised ahead of the one being scored (with overlap): one hides the
+# tokenisation wherever preparing a shard takes less time than scoring one, and memory stays at a
+# few shards whatever the corpus size.
+PREPARE_AHEAD = 1
 
 
 def resolve_template(tok: Any, cfg: ExtractJob) -> str:
@@ -54,7 +66,7 @@ def load_model(path: str, dtype: Any, state: Any) -> Any:
 
 
 @dataclass
-class _Prepared:
+class Prepared:
     index: int
     conv: Conversation
     ids: list[int]
@@ -66,7 +78,7 @@ class _Prepared:
 
 
 def prepare(index: int, conv: Conversation, tok: Any, template: str, max_length: int,
-            stats: Counter) -> _Prepared | None:
+            stats: Counter) -> Prepared | None:
     """Render + tokenise one conversation; None (and a counted reason) when it cannot be scored."""
     try:
         rendered = render_chat(tok, conv.messages, template)
@@ -84,7 +96,7 @@ def prepare(index: int, conv: Conversation, tok: Any, template: str, max_length:
     if len(gold_pos) == 0:
         stats["skipped_no_scored_tokens"] += 1
         return None
-    return _Prepared(index, conv, tc.input_ids, np.asarray(tc.offsets, dtype=np.int64).reshape(-1, 2), gold_pos,
+    return Prepared(index, conv, tc.input_ids, np.asarray(tc.offsets, dtype=np.int64).reshape(-1, 2), gold_pos,
                      rendered.assistant_spans, rendered.text, tc.truncated)
 
 
@@ -102,7 +114,7 @@ def _covered(text: str, spans: np.ndarray, within: np.ndarray) -> tuple[int, int
                                    + (codes >= 0x10000).sum())  # UTF-8 length of each code point
 
 
-def to_record(p: _Prepared, scores: Any, enders: Sequence[str]) -> TeacherRecord:
+def to_record(p: Prepared, scores: Any, enders: Sequence[str]) -> TeacherRecord:
     gold_ids = np.asarray(p.ids)[p.gold_pos]
     spans = p.offsets[p.gold_pos]
     replies = np.asarray([(s, reply_end(p.text, s, e, enders)) for s, e in p.assistant_spans], dtype=np.int64)
@@ -134,40 +146,103 @@ def _scan(convs: list[Conversation], tok: Any, template: str, data: str) -> int:
     return longest
 
 
-def length_batches(items: list[_Prepared], batch_size: int) -> list[list[_Prepared]]:
+def length_batches(items: list[Prepared], batch_size: int) -> list[list[Prepared]]:
     """Longest first, `batch_size` at a time: similar lengths share a batch, so little padding."""
     items = sorted(items, key=lambda p: -len(p.ids))
     return [items[lo:lo + batch_size] for lo in range(0, len(items), batch_size)]
 
 
-def extract_shard(writer: StoreWriter, shard: int, convs: list[Conversation], model: Any, tok: Any,
-                  template: str, cfg: ExtractJob, bar: Any) -> None:
-    """Score the conversations of one shard and write it (with its statistics)."""
-    from fuse.extract.score import score_batch
+@dataclass
+class PreparedShard:
+    """A shard's conversations rendered and tokenised, ready to score (the scorable ones), and its counts."""
 
+    shard: int
+    items: list[Prepared]
+    stats: Counter
+
+
+def prepare_shard(writer: StoreWriter, shard: int, convs: list[Conversation], tok: Any, template: str,
+                  max_length: int) -> PreparedShard:
+    """Render + tokenise the conversations of one shard (host work only: it may run in a thread)."""
     stats: Counter = Counter()
     items = []
     for i in writer.shard_rows(shard):
         stats["rows"] += 1
-        p = prepare(i, convs[i], tok, template, cfg.max_length, stats)
+        p = prepare(i, convs[i], tok, template, max_length, stats)
         if p is not None:
             items.append(p)
-    bar.update(stats["rows"] - len(items))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    records = []
-    enders = end_of_turn_tokens(tok)  # reply text ends before these: CE per character compares templates
-    for batch in length_batches(items, cfg.batch_size):
-        scores = score_batch(model, [p.ids for p in batch], [p.gold_pos for p in batch], cfg.top_k,
-                             [f"{p.conv.id} ({cfg.data})" for p in batch], pad_id)
-        records += [to_record(p, s, enders) for p, s in zip(batch, scores)]
+    return PreparedShard(shard, items, stats)
+
+
+def score_shard(model: Any, shard: PreparedShard, cfg: ExtractJob, pad_id: int,
+                bar: Any) -> list[tuple[Prepared, SequenceScores]]:
+    """Score a prepared shard batch by batch. With `cfg.overlap` the host waits for batch b's
+    results only after batch b + 1's forward is queued, so the device is not idle meanwhile
+    (on CPU the two steps run one after the other: the same numbers either way)."""
+    from fuse.extract.score import collect, launch_batch
+
+    out: list[tuple[Prepared, SequenceScores]] = []
+    waiting: tuple[list[Prepared], LaunchedBatch] | None = None
+
+    def take(batch: list[Prepared], launched: LaunchedBatch) -> None:
+        out.extend(zip(batch, collect(launched)))
         bar.update(len(batch))
+
+    for batch in length_batches(shard.items, cfg.batch_size):
+        try:
+            launched = launch_batch(model, [p.ids for p in batch], [p.gold_pos for p in batch], cfg.top_k,
+                                    [f"{p.conv.id} ({cfg.data})" for p in batch], pad_id)
+        except BaseException:
+            if waiting is not None:  # the earlier batch's own error (NaN logits) comes first, as in order
+                take(*waiting)
+            raise
+        if waiting is not None:
+            take(*waiting)
+        waiting = (batch, launched)
+        if not cfg.overlap:
+            take(*waiting)
+            waiting = None
+    if waiting is not None:
+        take(*waiting)
+    return out
+
+
+def write_scored(writer: StoreWriter, shard: PreparedShard, scored: list[tuple[Prepared, SequenceScores]],
+                 enders: Sequence[str], cfg: ExtractJob) -> None:
+    """Records and statistics of a scored shard, written to the store (host work only: it may run in a thread)."""
+    stats = shard.stats
+    records = [to_record(p, s, enders) for p, s in scored]
     stats.update(stored=len(records), scored_tokens=sum(r.n_tokens for r in records),
                  scored_chars=sum(r.n_chars for r in records), scored_bytes=sum(r.n_bytes for r in records))
     stats["nll"] = float(sum(r.ce * r.n_tokens for r in records))
     if "first_template_error" in stats:
         log.warning("%s: skipped conversations the template cannot render, e.g. %s", cfg.model,
                     stats.pop("first_template_error"))
-    writer.write_shard(shard, records, dict(stats))
+    writer.write_shard(shard.shard, records, dict(stats))
+
+
+def extract_shards(writer: StoreWriter, shards: list[int], convs: list[Conversation], model: Any, tok: Any,
+                   template: str, cfg: ExtractJob, bar: Any, on_shard: Callable[[int], None] | None = None) -> None:
+    """Score and write `shards`, in order; `on_shard(shard)` after each is on disk, in that order.
+
+    With `cfg.overlap` the host work runs beside the forward pass: the next shards are rendered and
+    tokenised ahead (`PREPARE_AHEAD` of them) and each scored shard is written behind, while the next
+    one is scored (one write at a time). The store is the same byte for byte either way.
+    """
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    enders = end_of_turn_tokens(tok)  # reply text ends before these: CE per character compares templates
+
+    def prep(shard: int) -> PreparedShard:
+        return prepare_shard(writer, shard, convs, tok, template, cfg.max_length)
+
+    prepared = ahead(prep, shards, PREPARE_AHEAD if cfg.overlap else 0,
+                     lambda s: f"preparing shard {s} of {writer.path}")
+    with closing(prepared), Behind(cfg.overlap, on_shard or (lambda s: None),
+                                   lambda s: f"writing shard {s} of {writer.path}") as writes:
+        for shard in prepared:
+            bar.update(shard.stats["rows"] - len(shard.items))
+            scored = score_shard(model, shard, cfg, pad_id, bar)
+            writes.submit(shard.shard, write_scored, writer, shard, scored, enders, cfg)
 
 
 def extract(cfg: ExtractJob, on_shard: Callable[[int], None] | None = None) -> dict:
@@ -220,10 +295,7 @@ def extract(cfg: ExtractJob, on_shard: Callable[[int], None] | None = None) -> d
         model = load_model(cfg.model, dtype, state)
         with tqdm(total=sum(len(writer.shard_rows(s)) for s in mine), unit="conv", desc=f"extract {cfg.model}",
                   disable=not state.is_main_process) as bar:
-            for shard in mine:
-                extract_shard(writer, shard, convs, model, tok, template, cfg, bar)
-                if on_shard is not None:
-                    on_shard(shard)
+            extract_shards(writer, mine, convs, model, tok, template, cfg, bar, on_shard)
     if not state.is_main_process:
         return {}
     # The main process waits for the others' shards by polling, not with a collective barrier: a

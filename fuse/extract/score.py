@@ -28,7 +28,18 @@ class SequenceScores:
     gold_logprobs: np.ndarray  # (n,) float32
 
 
-@torch.inference_mode()
+@dataclass
+class LaunchedBatch:
+    """A scored batch on its way to the host: `collect` gives its `SequenceScores`."""
+
+    tensors: tuple[torch.Tensor, ...]  # (ok, top-k ids, top-k log-probs, gold log-probs): host copies
+    # (pinned, filled asynchronously) on CUDA, else the device tensors
+    copied: Any  # the CUDA event recorded after the copies, or None
+    rows_b: np.ndarray  # (N,) sequence of each scored row
+    bounds: np.ndarray  # (B + 1,) first row of each sequence
+    names: list[str]
+
+
 def score_batch(model: Any, sequences: list[list[int]], gold_positions: list[np.ndarray], k: int,
                 names: list[str], pad_id: int = 0) -> list[SequenceScores]:
     """Run `model` over right-padded `sequences` and score token t of sequence b for t in
@@ -38,7 +49,17 @@ def score_batch(model: Any, sequences: list[list[int]], gold_positions: list[np.
     upcast before any softmax. Logits are made only for the scored rows, a chunk of rows at a time
     (the LM head on gathered final hidden states), so a (B, T, V) tensor never exists.
     NaN or +inf anywhere in a row, or −inf in a stored value, raises an error naming the sample.
+    `launch_batch` + `collect` are the same in two steps, so the next batch's forward can be
+    queued before this one's results are waited for.
     """
+    return collect(launch_batch(model, sequences, gold_positions, k, names, pad_id))
+
+
+@torch.inference_mode()
+def launch_batch(model: Any, sequences: list[list[int]], gold_positions: list[np.ndarray], k: int,
+                 names: list[str], pad_id: int = 0) -> LaunchedBatch:
+    """`score_batch` up to the results on the device, their copy to the host queued (CUDA: pinned
+    memory, `non_blocking`), without waiting for the device."""
     device = model.get_input_embeddings().weight.device
     B, T = len(sequences), max(len(s) for s in sequences)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -82,10 +103,27 @@ def score_batch(model: Any, sequences: list[list[int]], gold_positions: list[np.
         top_lp.append(values - lse)
         gold_lp.append(g - lse[:, 0])
         ok.append(torch.isfinite(lse[:, 0]) & torch.isfinite(values).all(-1) & torch.isfinite(g))
-    bad = np.flatnonzero(~torch.cat(ok).cpu().numpy())  # one device sync per batch
-    if len(bad):
-        raise PivotfuseError(f"sample {names[int(rows_b[bad[0]])]!r}: model produced NaN/inf logits "
-                             "(try --dtype float32 or check the weights)")
-    all_ids, all_lp, all_gold = (torch.cat(t).cpu().numpy() for t in (top_ids, top_lp, gold_lp))
+    tensors = tuple(torch.cat(t) for t in (ok, top_ids, top_lp, gold_lp))
+    copied = None
+    if tensors[0].device.type == "cuda":
+        # Pinned host buffers filled on the stream that computed the results: the copies queue behind
+        # the kernels, and the host waits once per batch, in `collect`, when it needs the numbers.
+        tensors = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                        for t in tensors)
+        copied = torch.cuda.Event()
+        copied.record(torch.cuda.current_stream(device=ok[0].device))
     bounds = np.cumsum([0] + [len(p) for p in gold_positions])
-    return [SequenceScores(all_ids[a:z], all_lp[a:z], all_gold[a:z]) for a, z in zip(bounds[:-1], bounds[1:])]
+    return LaunchedBatch(tensors, copied, rows_b, bounds, names)
+
+
+def collect(batch: LaunchedBatch) -> list[SequenceScores]:
+    """Wait for a launched batch's results (one device sync) and split them per sequence."""
+    if batch.copied is not None:
+        batch.copied.synchronize()
+    ok, all_ids, all_lp, all_gold = (t.cpu().numpy() for t in batch.tensors)
+    bad = np.flatnonzero(~ok)
+    if len(bad):
+        raise PivotfuseError(f"sample {batch.names[int(batch.rows_b[bad[0]])]!r}: model produced NaN/inf logits "
+                             "(try --dtype float32 or check the weights)")
+    b = batch.bounds
+    return [SequenceScores(all_ids[a:z], all_lp[a:z], all_gold[a:z]) for a, z in zip(b[:-1], b[1:])]
