@@ -38,6 +38,7 @@ def fuse_sources(recipe: Recipe, *, report_samples: int = 256) -> Path:
     from accelerate import PartialState
 
     from fuse.targets.rows import ROWS_VERSION, cached_rows
+    from fuse.targets.rows_arrow import ROWS_FILE
     from fuse.targets.rows_multi import ROWS_MULTI_VERSION, build_rows_multi
     from fuse.train.trainer import train_target
 
@@ -75,9 +76,10 @@ def fuse_sources(recipe: Recipe, *, report_samples: int = 256) -> Path:
     inputs = [(s.name, st, recipe.world_path(s.path), vmap, turn_enders(recipe.world_path(s.path)))
               for s, st, (vmap, _) in zip(sources, s_stores, maps)]
     with state.main_process_first():
-        ds, stats = cached_rows(work, rows_fp, lambda: build_rows_multi(
+        ds, stats = cached_rows(work, rows_fp, lambda folder: build_rows_multi(
             p_store, pivot_path, inputs, method=cfg.method, k=cfg.top_k, fallback=cfg.fallback,
-            translate=cfg.translate, pivot_eos=turn_enders(pivot_path), pivot_name=pivot.name))
+            translate=cfg.translate, pivot_eos=turn_enders(pivot_path), pivot_name=pivot.name,
+            workers=cfg.workers, out=folder / ROWS_FILE), writes=True)
     train = ds.remove_columns(["id", "domain"])
     sample = train.select(range(min(report_samples, len(train))))
 

@@ -1,8 +1,12 @@
 """FuseLLM-mode training rows: one source gives the pairwise rows bit for bit; a source whose store
-lacks some conversations drops out of exactly those; each teacher's contribution is counted."""
+lacks some conversations drops out of exactly those; each teacher's contribution is counted; the
+rows and statistics are the same over 1 and 2 processes."""
 
 from __future__ import annotations
 
+import functools
+import json
+import operator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +17,8 @@ from fuse.extract.store import LogitStore, StoreWriter, TeacherRecord, int_type
 from fuse.targets.fusion import translate_topk
 from fuse.targets.pairing import pair_positions, reply_keys
 from fuse.targets.rows import FusionStats, fusion_rows, store_lookup
-from fuse.targets.rows_multi import MultiFusionStats, SourceInput, fusion_rows_multi
+from fuse.targets.rows_arrow import features, rows_digest
+from fuse.targets.rows_multi import MultiFusionStats, SourceInput, build_rows_multi, fusion_rows_multi
 from fuse.targets.translate import PivotProjector, SpanTranslator
 from test_fuse_targets import CONVS, INST, K, L3, record, tok
 
@@ -127,3 +132,103 @@ def test_no_source_is_refused(setup):
     with pytest.raises(ValueError, match="at least one source"):
         list(fusion_rows_multi(setup["stores"]["pivot"], [], setup["pt"], "mince", K, "gold", EOS[0],
                                MultiFusionStats(("pivot",))))
+
+
+@pytest.fixture(scope="module")
+def corpus(tokenizer_dirs, assets, tmp_path_factory):
+    """24 MT-Bench conversations: the pivot (Llama-3) and two sources (Llama-2, Qwen3) as model
+    folders and stores; each source's store skips some conversations."""
+    from test_fuse_rows_fast import K as K6
+    from test_fuse_rows_fast import chats, tokenizer
+    from test_fuse_rows_fast import record as mt_record
+    from test_fuse_rows_fast import write_store as write_store8
+
+    from core.chat import end_of_turn_tokens
+    from core.loading import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("multi-corpus")
+    names = {"pivot": "llama3", "a": "llama2", "b": "qwen3"}
+    toks = {}
+    for role, family in names.items():  # model folders as the pipeline reads them (a tokenizer and a config)
+        t = tokenizer(tokenizer_dirs[family])
+        t.save_pretrained(folder / role)
+        (folder / role / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": len(t)}))
+        toks[role] = load_tokenizer(str(folder / role), model=True, fast=True)
+    convs = chats(assets / "mt_bench", 24)
+    skip = {"pivot": set(), "a": {5}, "b": {3, 11, 12}}
+    stores, vmaps, eos = {}, {}, {}
+    rng = np.random.default_rng(2)
+    for seed, (role, t) in enumerate(toks.items()):
+        recs = [mt_record(t, i, m, 100 * seed + i) for i, m in enumerate(convs) if i not in skip[role]]
+        stores[role] = write_store8(folder / f"{role}_store", recs)
+        eos[role] = end_of_turn_tokens(t)
+        if role != "pivot":  # arbitrary, with collisions and unmapped ids; the end of turn maps to the pivot's
+            vmaps[role] = rng.integers(-1, len(toks["pivot"]), len(t))
+            vmaps[role][t.convert_tokens_to_ids(eos[role][0])] = toks["pivot"].convert_tokens_to_ids(eos["pivot"][0])
+    return dict(folder=folder, toks=toks, stores=stores, vmaps=vmaps, eos=eos, k=K6)
+
+
+def reference_multi(c: dict, method: str, translate: str, shard: int) -> tuple[str, dict]:
+    """Rows digest and statistics of the one-process loop, its float sums redone by hand as sums of
+    `shard`-record partial sums in corpus order (what `build_rows_multi` must give for any number of
+    processes); no `merge` is used here."""
+    import datasets
+
+    pt = c["toks"]["pivot"]
+    projector = PivotProjector(pt)
+    inputs = [SourceInput(n, store_lookup(c["stores"][n]), c["vmaps"][n], c["eos"][n],
+                          SpanTranslator(projector, TokenText(c["toks"][n]), (c["eos"]["pivot"], c["eos"][n]))
+                          if translate == "span" else None) for n in ("a", "b")]
+    store = c["stores"]["pivot"]
+    whole = MultiFusionStats(("pivot", "a", "b"))
+    rows = list(fusion_rows_multi(store, inputs, pt, method, c["k"], "gold", c["eos"]["pivot"], whole))
+    parts = []
+    for lo in range(0, len(store), shard):
+        parts.append(MultiFusionStats(("pivot", "a", "b")))
+        list(fusion_rows_multi([store[i] for i in range(lo, min(lo + shard, len(store)))], inputs, pt, method,
+                               c["k"], "gold", c["eos"]["pivot"], parts[-1]))
+    for n in ("a", "b"):
+        for f in ("ce", "pivot_ce"):
+            total = 0.0
+            for p in parts:
+                total += getattr(p.sources[n], f)
+            setattr(whole.sources[n], f, total)
+    for key, counts in whole.contributions.counts.items():
+        weights = [p.contributions.counts[key]["weight"] for p in parts if key in p.contributions.counts]
+        counts["weight"] = functools.reduce(operator.add, weights)
+    return rows_digest(datasets.Dataset.from_list(rows, features=features())), whole.as_dict()
+
+
+@pytest.mark.parametrize("method,translate", [("mince", "span"), ("avgce", "vocab"), ("mince_token", "span")])
+def test_build_rows_multi_is_the_same_with_one_and_two_processes(corpus, method, translate, tmp_path):
+    c = corpus
+    sources = [(n, c["stores"][n], str(c["folder"] / n), c["vmaps"][n], c["eos"][n]) for n in ("a", "b")]
+    expect, expect_stats = reference_multi(c, method, translate, 5)
+    got = {}
+    for workers in (1, 2):
+        timings: dict = {}
+        ds, stats = build_rows_multi(c["stores"]["pivot"], str(c["folder"] / "pivot"), sources, method=method,
+                                     k=c["k"], fallback="gold", translate=translate, pivot_eos=c["eos"]["pivot"],
+                                     workers=workers, out=tmp_path / f"rows{workers}.arrow", timings=timings,
+                                     progress=False, shard_size=5)  # 5 shards of 24 conversations
+        assert timings["workers"] == workers and timings["fuse"] > 0
+        assert len(ds) == 24 and rows_digest(ds) == expect
+        got[workers] = json.dumps(stats, sort_keys=True)
+    assert got[1] == got[2] == json.dumps(expect_stats, sort_keys=True)
+    assert (tmp_path / "rows1.arrow").read_bytes() == (tmp_path / "rows2.arrow").read_bytes()
+    s = json.loads(got[2])
+    assert (s["conversations"], s["sources"]["a"]["missing"], s["sources"]["b"]["missing"]) == (24, 1, 3)
+    # one shard holding the whole corpus: exactly the one-process loop's statistics, floats included
+    _, whole = reference_multi(c, method, translate, 24)
+    _, one = build_rows_multi(c["stores"]["pivot"], str(c["folder"] / "pivot"), sources, method=method, k=c["k"],
+                              fallback="gold", translate=translate, pivot_eos=c["eos"]["pivot"], workers=1,
+                              progress=False, shard_size=24)
+    assert json.dumps(one, sort_keys=True) == json.dumps(whole, sort_keys=True)
+    # shards cut elsewhere round the float sums differently, but only in the last places
+    assert one["sources"]["b"]["mean_ce_per_char"] == pytest.approx(s["sources"]["b"]["mean_ce_per_char"], rel=1e-12)
+
+
+def test_statistics_of_other_teachers_do_not_merge():
+    stats = MultiFusionStats(("pivot", "a"))
+    with pytest.raises(ValueError, match=r"statistics of \['pivot', 'b'\] cannot merge into \['pivot', 'a'\]"):
+        stats.merge(MultiFusionStats(("pivot", "b")))

@@ -220,6 +220,28 @@ class Contributions:
             c["weight"] += fused.weights
             c["present"] += fused.present
 
+    def merge(self, other: "Contributions") -> None:
+        """Add `other`'s counts (the next shard of the corpus) to these.
+
+        Integer counts merge exactly. The weight sums are floats: merging a shard's partial sum is
+        not the same rounding as adding its conversations one by one, so a caller that wants one
+        result for any number of processes merges fixed shards in corpus order (`rows_multi`).
+        """
+        if other.names != self.names:
+            raise ValueError(f"contributions of {list(other.names)} cannot merge into {list(self.names)}")
+        if other.method is None:
+            return
+        if self.method not in (None, other.method):
+            raise ValueError(f"contributions of {self.method!r} cannot take {other.method!r} results")
+        self.method = other.method
+        for key, theirs in other.counts.items():
+            mine = self.counts.get(key)
+            if mine is None:
+                self.counts[key] = {n: v.copy() if isinstance(v, np.ndarray) else v for n, v in theirs.items()}
+                continue
+            for n, v in theirs.items():
+                mine[n] = mine[n] + v  # a new array: `theirs` stays the caller's
+
     def _shares(self, c: dict[str, Any]) -> dict[str, Any]:
         n, p = c["sequences"], max(c["positions"], 1)
         return {"sequences": n, "positions": c["positions"], "fallback_share": c["fallback"] / p,
