@@ -174,12 +174,12 @@ class _MultiWork:
 def _multi_setup(pivot_store: str, pivot_path: str, sources: list[tuple[str, str, str, np.ndarray, Enders]],
                  translate: str, pivot_eos: Enders, pivot_name: str, method: str, k: int,
                  fallback: str) -> _MultiWork:
-    tok = load_tokenizer(pivot_path, model=True, fast=True)
+    tok = load_tokenizer(pivot_path, model=True, fast=True, shared=True)  # read only: one load per process
     projector = PivotProjector(tok) if translate == "span" else None  # text → pivot id: the same for every source
     inputs = []
     for name, store, path, vmap, eos in sources:
-        span = SpanTranslator(projector, TokenText(load_tokenizer(path, model=True, fast=True)), (pivot_eos, eos)) \
-            if projector is not None else None
+        span = SpanTranslator(projector, TokenText(load_tokenizer(path, model=True, fast=True, shared=True)),
+                              (pivot_eos, eos)) if projector is not None else None
         inputs.append(SourceInput(name, store_lookup(LogitStore(store)), vmap, eos, span))
     names = (pivot_name,) + tuple(s[0] for s in sources)
     return _MultiWork(LogitStore(pivot_store), inputs, tok, names, method, k, fallback, pivot_eos)
