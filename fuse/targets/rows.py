@@ -333,28 +333,44 @@ def build_rows(pivot_store: LogitStore, source_store: LogitStore | None, pivot_p
     batches go to the Arrow file `out` in order (None: kept in memory): the same rows for any count.
     `timings` (if given) gains the seconds of each phase, summed over the processes.
     """
-    from tqdm.auto import tqdm
-
     if source_store is not None and vocab_map is None:
         raise ValueError("a source needs a vocabulary map")
-    n = len(pivot_store)
+    stats = FusionStats()
+
+    def absorb(convs: list) -> None:
+        for c in convs:
+            stats.add(c)
+
+    args = (str(pivot_store.path), str(source_store.path) if source_store is not None else None, pivot_path,
+            source_path, vocab_map, method, k, fallback, translate, eos)
+    ds = run_row_shards(len(pivot_store), _rows_shard, _rows_setup, args, absorb, workers=workers, out=out,
+                        timings=timings, progress=progress, shard_size=shard_size, desc="fuse targets")
+    return ds, stats.as_dict()
+
+
+def run_row_shards(n: int, shard: Callable[[Any, tuple[int, int]], tuple[bytes, Any, dict[str, float]]],
+                   setup: Callable[..., Any], args: tuple, absorb: Callable[[Any], None], *, workers: int | None,
+                   out: Path | None, timings: dict[str, float] | None, progress: bool, shard_size: int,
+                   desc: str) -> Any:
+    """Rows of corpus rows 0..n in fixed shards over `workers` processes: `shard(state, (lo, hi))` gives
+    a shard's rows (Arrow IPC bytes), its statistics (handed to `absorb` in shard order, so sums do not
+    depend on the worker count) and phase seconds; the rows go to the Arrow file `out` in order (None:
+    kept in memory). Returns the dataset; `timings` as in `build_rows`."""
+    from tqdm.auto import tqdm
+
     size = shard_size or ROWS_SHARD
     tasks = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
     workers = resolve_workers(workers, len(tasks))
-    stats = FusionStats()
     times: dict[str, float] = Counter()
     writer = RowsWriter(Path(out) if out is not None else None)
-    args = (str(pivot_store.path), str(source_store.path) if source_store is not None else None, pivot_path,
-            source_path, vocab_map, method, k, fallback, translate, eos)
     t_start = time.perf_counter()
-    with tqdm(total=n, desc="fuse targets", unit="conv", disable=not progress) as bar:
-        for i, (data, convs, spent) in enumerate(ordered_map(_rows_shard, tasks, workers, _rows_setup, args)):
+    with tqdm(total=n, desc=desc, unit="conv", disable=not progress) as bar:
+        for i, (data, part, spent) in enumerate(ordered_map(shard, tasks, workers, setup, args)):
             lo, hi = tasks[i]
             t0 = time.perf_counter()
             for batch in read_batches(data):
                 writer.write(batch)
-            for c in convs:
-                stats.add(c)
+            absorb(part)
             times.update(spent)
             times["write"] += time.perf_counter() - t0
             bar.update(hi - lo)
@@ -366,4 +382,4 @@ def build_rows(pivot_store: LogitStore, source_store: LogitStore | None, pivot_p
             timings[key] = timings.get(key, 0.0) + value
         timings["wall"] = timings.get("wall", 0.0) + time.perf_counter() - t_start
         timings["workers"] = workers
-    return ds, stats.as_dict()
+    return ds

@@ -16,7 +16,6 @@ statistics are the same for any number of processes.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -24,13 +23,12 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 from core.loading import load_tokenizer
-from core.workers import ordered_map, resolve_workers
 from fuse.align.surface import TokenText
 from fuse.extract.store import LogitStore, TeacherRecord
 from fuse.targets.fusion_multi import Contributions, MultiFused, fuse_multi
 from fuse.targets.pairing import Enders, pair_positions, reply_keys, token_chars
-from fuse.targets.rows import ROWS_SHARD, encode, make_row, pivot_view, row_tokens, source_view, store_lookup
-from fuse.targets.rows_arrow import RowsWriter, batch_bytes, read_batches, rows_batch
+from fuse.targets.rows import encode, make_row, pivot_view, row_tokens, run_row_shards, source_view, store_lookup
+from fuse.targets.rows_arrow import batch_bytes, rows_batch
 from fuse.targets.translate import PivotProjector, SpanTranslator
 
 ROWS_MULTI_VERSION = 1  # bump when FuseLLM-mode rows change meaning (in their fingerprint, beside rows.ROWS_VERSION)
@@ -215,37 +213,13 @@ def build_rows_multi(pivot_store: LogitStore, pivot_path: str,
     `pivot_name` names teacher 0 in the contributions. `workers`, `out`, `timings`, `shard_size` as
     in `rows.build_rows`: shards of `shard_size` conversations (default `rows.ROWS_SHARD`) over
     `workers` processes, written to the Arrow file `out` in corpus order (None: kept in memory)."""
-    from tqdm.auto import tqdm
-
     if not sources:
         raise ValueError("FuseLLM mode needs at least one source")
-    n = len(pivot_store)
-    size = shard_size or ROWS_SHARD
-    tasks = [(lo, min(lo + size, n)) for lo in range(0, n, size)]
-    workers = resolve_workers(workers, len(tasks))
     stats = MultiFusionStats((pivot_name,) + tuple(s[0] for s in sources))
-    times: dict[str, float] = Counter()
-    writer = RowsWriter(Path(out) if out is not None else None)
     args = (str(pivot_store.path), pivot_path, [(name, str(store.path), path, vmap, eos)
                                                 for name, store, path, vmap, eos in sources],
             translate, pivot_eos, pivot_name, method, k, fallback)
-    t_start = time.perf_counter()
-    with tqdm(total=n, desc="fuse targets (FuseLLM mode)", unit="conv", disable=not progress) as bar:
-        for i, (data, part, spent) in enumerate(ordered_map(_multi_shard, tasks, workers, _multi_setup, args)):
-            lo, hi = tasks[i]
-            t0 = time.perf_counter()
-            for batch in read_batches(data):
-                writer.write(batch)
-            stats.merge(part)  # in shard order: the float sums do not depend on the worker count
-            times.update(spent)
-            times["write"] += time.perf_counter() - t0
-            bar.update(hi - lo)
-        t0 = time.perf_counter()
-        ds = writer.close()
-        times["write"] += time.perf_counter() - t0
-    if timings is not None:
-        for key, value in times.items():
-            timings[key] = timings.get(key, 0.0) + value
-        timings["wall"] = timings.get("wall", 0.0) + time.perf_counter() - t_start
-        timings["workers"] = workers
+    # stats.merge in shard order: the float sums do not depend on the worker count
+    ds = run_row_shards(len(pivot_store), _multi_shard, _multi_setup, args, stats.merge, workers=workers, out=out,
+                        timings=timings, progress=progress, shard_size=shard_size, desc="fuse targets (FuseLLM mode)")
     return ds, stats.as_dict()
