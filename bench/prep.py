@@ -277,7 +277,8 @@ def main() -> None:
     hours = FUSECHAT_SOURCES * per_source_h
     print(f"FuseChat-2.0 projection: {FUSECHAT_TOKENS:.0e} pivot tokens per source (assumed: ~95K conversations of "
           f"FuseChat-Mixture), {per_token * 1e6:.1f} µs per pivot token with 1 process ({how}) + {fixed:.1f} s fixed; "
-          f"{CORES} processes at {eff:.0%} efficiency (the per-token part's 1→2 speed-up, at most the wall's, {work_scaling:.2f}x / 2, "
+          f"{CORES} processes at {eff:.0%} efficiency (the per-token part's 1→2 speed-up, at most the wall's, "
+          f"{work_scaling:.2f}x / 2, "
           f"assumed to hold to {CORES}): {per_source_h * 60:.1f} min per source, {hours:.2f} h for "
           f"{FUSECHAT_SOURCES} sources; at full efficiency {(fixed + FUSECHAT_TOKENS * per_token / CORES) / 60:.1f} "
           f"min per source")

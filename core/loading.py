@@ -62,7 +62,8 @@ _SHARED: dict[tuple, Any] = {}
 
 
 def _files_signature(folder: Path) -> tuple:
-    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir() if f.is_file()))
+    stats = ((f.name, f.stat()) for f in folder.iterdir() if f.is_file())
+    return tuple(sorted((name, st.st_size, st.st_mtime_ns) for name, st in stats))
 
 
 def load_tokenizer(path: str | Path, *, model: bool = False, fast: bool = False, name: str | None = None,

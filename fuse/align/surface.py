@@ -53,12 +53,7 @@ def tokenizer_kind(tokenizer: Any) -> str:
     decoder = getattr(backend, "decoder", None)
     # The decoder's own JSON, not the whole tokenizer's: serialising a 152k vocabulary to read one
     # field took a third of a second, twice per pair, in the serial setup of every alignment.
-    if decoder is None:
-        spec = "{}"
-    elif hasattr(decoder, "__getstate__"):
-        spec = json.dumps(json.loads(decoder.__getstate__()))
-    else:
-        spec = json.dumps(json.loads(backend.to_str()).get("decoder") or {})
+    spec = json.dumps(json.loads(decoder.__getstate__())) if decoder is not None else "{}"
     if '"ByteLevel"' in spec:
         return "byte_level"
     if "\\u2581" in spec or "▁" in spec or '"Metaspace"' in spec or '"ByteFallback"' in spec:
